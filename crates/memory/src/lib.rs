@@ -1,0 +1,424 @@
+//! Guest memory as a device sees it, built from the file descriptors a frontend sends.
+//!
+//! A [`MemoryTable`] is the transport's record of the frontend's memory regions: where each one
+//! sits in guest-physical (GPA) space, where it sits in the frontend's own address space (its
+//! "user address"), and the mapping of it in this process. Every region is validated before it is
+//! mapped: non-empty, no arithmetic overflow, inside its file, no overlap with another region in
+//! GPA space nor in user-address space, and no more regions than the slot limit.
+//!
+//! Devices never see the table: they get a [`GuestMemoryHandle`], an RCU-style handle
+//! (vm-memory's `GuestMemoryAtomic`) whose snapshot the transport swaps when regions are added or
+//! removed. A worker takes one snapshot per batch of requests. Every access through a snapshot is
+//! bounds-checked by vm-memory; an address outside every region is an error, never a fault.
+//!
+//! IOTLB translation and dirty logging will live inside the snapshot type (vm-memory's
+//! `IommuMemory` and bitmap types), so a device cannot forget them; the aliases below are the one
+//! place that type is named.
+#![forbid(unsafe_code)]
+
+use std::fs::File;
+use std::sync::Arc;
+
+use vm_memory::{
+    FileOffset, GuestAddress, GuestMemoryAtomic, GuestRegionCollection, GuestRegionMmap,
+    MmapRegion,
+};
+
+/// The snapshot type a device reads and writes guest memory through.
+pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<()>;
+/// An RCU-style handle to the current guest memory; cloning it is cheap.
+pub type GuestMemoryHandle = GuestMemoryAtomic<GuestMemoryMmap>;
+
+/// Why a memory region was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum MemoryError {
+    /// A region of size zero.
+    #[error("memory region at GPA {gpa:#x} has size zero")]
+    EmptyRegion {
+        /// Its guest-physical address.
+        gpa: u64,
+    },
+    /// `start + size` overflows in one of the address spaces.
+    #[error("memory region at GPA {gpa:#x} with size {size:#x} overflows an address space")]
+    Overflow {
+        /// Its guest-physical address.
+        gpa: u64,
+        /// Its size.
+        size: u64,
+    },
+    /// The region overlaps one already in the table.
+    #[error("memory region GPA {gpa:#x}+{size:#x} (user address {uaddr:#x}) overlaps region GPA {other_gpa:#x}")]
+    Overlap {
+        /// Its guest-physical address.
+        gpa: u64,
+        /// Its size.
+        size: u64,
+        /// Its frontend user address.
+        uaddr: u64,
+        /// The guest-physical address of the region it overlaps.
+        other_gpa: u64,
+    },
+    /// The table already holds as many regions as it may.
+    #[error("no free memory slot: the limit is {limit}")]
+    NoFreeSlot {
+        /// The slot limit.
+        limit: usize,
+    },
+    /// The region does not fit in its file.
+    #[error("memory region at GPA {gpa:#x} needs {needed:#x} bytes of its file, which has {file_size:#x}")]
+    BeyondFile {
+        /// Its guest-physical address.
+        gpa: u64,
+        /// `mmap_offset + size`.
+        needed: u64,
+        /// The file's size.
+        file_size: u64,
+    },
+    /// The file could not be inspected.
+    #[error("cannot inspect the file of memory region at GPA {gpa:#x}")]
+    Stat {
+        /// Its guest-physical address.
+        gpa: u64,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// mmap failed.
+    #[error("cannot map memory region at GPA {gpa:#x} size {size:#x}")]
+    Map {
+        /// Its guest-physical address.
+        gpa: u64,
+        /// Its size.
+        size: u64,
+        /// The underlying error.
+        #[source]
+        source: vm_memory::mmap::MmapRegionError,
+    },
+    /// A region to remove matches none in the table.
+    #[error("no memory region GPA {gpa:#x}+{size:#x} (user address {uaddr:#x}) to remove")]
+    NotFound {
+        /// Its guest-physical address.
+        gpa: u64,
+        /// Its size.
+        size: u64,
+        /// Its frontend user address.
+        uaddr: u64,
+    },
+    /// A frontend address is in no region (or a range crosses a region's end).
+    #[error("frontend address range {addr:#x}+{len:#x} is not inside one memory region")]
+    Untranslatable {
+        /// The address.
+        addr: u64,
+        /// The length of the range.
+        len: u64,
+    },
+    /// vm-memory refused the collection.
+    #[error("cannot assemble guest memory")]
+    Collection(#[source] vm_memory::GuestRegionCollectionError),
+}
+
+/// A memory region as the frontend describes it (a validated copy of the wire description).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RegionDescriptor {
+    /// Guest-physical address of the region's first byte.
+    pub guest_phys_addr: u64,
+    /// Size in bytes.
+    pub memory_size: u64,
+    /// Address of the region's first byte in the frontend's address space.
+    pub user_addr: u64,
+    /// Offset of the region's first byte in its file.
+    pub mmap_offset: u64,
+}
+
+impl RegionDescriptor {
+    fn check_arithmetic(&self) -> Result<(), MemoryError> {
+        let err = || MemoryError::Overflow {
+            gpa: self.guest_phys_addr,
+            size: self.memory_size,
+        };
+        if self.memory_size == 0 {
+            return Err(MemoryError::EmptyRegion {
+                gpa: self.guest_phys_addr,
+            });
+        }
+        self.guest_phys_addr
+            .checked_add(self.memory_size)
+            .ok_or_else(err)?;
+        self.user_addr.checked_add(self.memory_size).ok_or_else(err)?;
+        self.mmap_offset
+            .checked_add(self.memory_size)
+            .ok_or_else(err)?;
+        usize::try_from(self.memory_size).map_err(|_| err())?;
+        Ok(())
+    }
+
+    fn gpa_end(&self) -> u64 {
+        self.guest_phys_addr + self.memory_size
+    }
+
+    fn uaddr_end(&self) -> u64 {
+        self.user_addr + self.memory_size
+    }
+
+    fn overlaps(&self, other: &RegionDescriptor) -> bool {
+        let gpa = self.guest_phys_addr < other.gpa_end() && other.guest_phys_addr < self.gpa_end();
+        let ua = self.user_addr < other.uaddr_end() && other.user_addr < self.uaddr_end();
+        gpa || ua
+    }
+
+    /// Whether `other` names the same region (mmap offset ignored, as REM_MEM_REG requires).
+    fn same_region(&self, other: &RegionDescriptor) -> bool {
+        self.guest_phys_addr == other.guest_phys_addr
+            && self.memory_size == other.memory_size
+            && self.user_addr == other.user_addr
+    }
+}
+
+#[derive(Debug)]
+struct MappedRegion {
+    desc: RegionDescriptor,
+    region: Arc<GuestRegionMmap<()>>,
+}
+
+/// The frontend's memory regions and their mappings in this process.
+#[derive(Debug)]
+pub struct MemoryTable {
+    regions: Vec<MappedRegion>,
+    max_slots: usize,
+}
+
+impl MemoryTable {
+    /// An empty table that holds at most `max_slots` regions.
+    pub fn new(max_slots: usize) -> Self {
+        MemoryTable {
+            regions: Vec::new(),
+            max_slots,
+        }
+    }
+
+    /// The slot limit.
+    pub fn max_slots(&self) -> usize {
+        self.max_slots
+    }
+
+    /// The regions, in the order they were added.
+    pub fn regions(&self) -> impl Iterator<Item = &RegionDescriptor> {
+        self.regions.iter().map(|r| &r.desc)
+    }
+
+    /// Whether the table has no region.
+    pub fn is_empty(&self) -> bool {
+        self.regions.is_empty()
+    }
+
+    /// Replaces the whole table (SET_MEM_TABLE). On error the table is unchanged.
+    pub fn replace(&mut self, regions: Vec<(RegionDescriptor, File)>) -> Result<(), MemoryError> {
+        let mut staged = MemoryTable::new(self.max_slots);
+        for (desc, file) in regions {
+            staged.add(desc, file)?;
+        }
+        self.regions = staged.regions;
+        Ok(())
+    }
+
+    /// Validates, maps and adds one region (ADD_MEM_REG). On error the table is unchanged.
+    pub fn add(&mut self, desc: RegionDescriptor, file: File) -> Result<(), MemoryError> {
+        desc.check_arithmetic()?;
+        if self.regions.len() >= self.max_slots {
+            return Err(MemoryError::NoFreeSlot {
+                limit: self.max_slots,
+            });
+        }
+        if let Some(other) = self.regions.iter().find(|r| r.desc.overlaps(&desc)) {
+            return Err(MemoryError::Overlap {
+                gpa: desc.guest_phys_addr,
+                size: desc.memory_size,
+                uaddr: desc.user_addr,
+                other_gpa: other.desc.guest_phys_addr,
+            });
+        }
+        let meta = file.metadata().map_err(|source| MemoryError::Stat {
+            gpa: desc.guest_phys_addr,
+            source,
+        })?;
+        let needed = desc.mmap_offset + desc.memory_size;
+        // Regular files and memfds have a size; mapping past it would SIGBUS on access.
+        if meta.file_type().is_file() && meta.len() < needed {
+            return Err(MemoryError::BeyondFile {
+                gpa: desc.guest_phys_addr,
+                needed,
+                file_size: meta.len(),
+            });
+        }
+        let size = desc.memory_size as usize;
+        let mapping = MmapRegion::from_file(FileOffset::new(file, desc.mmap_offset), size)
+            .map_err(|source| MemoryError::Map {
+                gpa: desc.guest_phys_addr,
+                size: desc.memory_size,
+                source,
+            })?;
+        let region = GuestRegionMmap::new(mapping, GuestAddress(desc.guest_phys_addr)).ok_or(
+            MemoryError::Overflow {
+                gpa: desc.guest_phys_addr,
+                size: desc.memory_size,
+            },
+        )?;
+        self.regions.push(MappedRegion {
+            desc,
+            region: Arc::new(region),
+        });
+        Ok(())
+    }
+
+    /// Removes the region matching `desc` by GPA, size and user address (REM_MEM_REG).
+    pub fn remove(&mut self, desc: &RegionDescriptor) -> Result<(), MemoryError> {
+        let pos = self
+            .regions
+            .iter()
+            .position(|r| r.desc.same_region(desc))
+            .ok_or(MemoryError::NotFound {
+                gpa: desc.guest_phys_addr,
+                size: desc.memory_size,
+                uaddr: desc.user_addr,
+            })?;
+        self.regions.remove(pos);
+        Ok(())
+    }
+
+    /// Removes every region.
+    pub fn clear(&mut self) {
+        self.regions.clear();
+    }
+
+    /// A snapshot of the regions for devices to use. The mappings are shared, not copied: a
+    /// snapshot keeps its regions mapped after they leave the table, until the last user drops it.
+    pub fn snapshot(&self) -> Result<GuestMemoryMmap, MemoryError> {
+        GuestRegionCollection::from_arc_regions(
+            self.regions.iter().map(|r| r.region.clone()).collect(),
+        )
+        .map_err(MemoryError::Collection)
+    }
+
+    /// Translates a range in the frontend's address space to a guest-physical address. The whole
+    /// range `[addr, addr + len)` must lie inside one region.
+    pub fn va_to_gpa(&self, addr: u64, len: u64) -> Result<GuestAddress, MemoryError> {
+        let untranslatable = MemoryError::Untranslatable { addr, len };
+        let end = addr.checked_add(len).ok_or(MemoryError::Untranslatable { addr, len })?;
+        self.regions
+            .iter()
+            .map(|r| &r.desc)
+            .find(|d| addr >= d.user_addr && end <= d.uaddr_end())
+            .map(|d| GuestAddress(d.guest_phys_addr + (addr - d.user_addr)))
+            .ok_or(untranslatable)
+    }
+
+    /// The end of the highest region in GPA space (the size a dirty log must cover).
+    pub fn gpa_limit(&self) -> u64 {
+        self.regions.iter().map(|r| r.desc.gpa_end()).max().unwrap_or(0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nix::sys::memfd::{memfd_create, MFdFlags};
+    use vm_memory::{Bytes, GuestMemoryBackend};
+
+    fn memfd(size: u64) -> File {
+        let fd = memfd_create("outboard-test", MFdFlags::MFD_CLOEXEC).unwrap();
+        let file = File::from(fd);
+        file.set_len(size).unwrap();
+        file
+    }
+
+    fn desc(gpa: u64, size: u64, uaddr: u64) -> RegionDescriptor {
+        RegionDescriptor {
+            guest_phys_addr: gpa,
+            memory_size: size,
+            user_addr: uaddr,
+            mmap_offset: 0,
+        }
+    }
+
+    #[test]
+    fn regions_map_and_translate() {
+        let mut t = MemoryTable::new(8);
+        t.add(desc(0, 0x10000, 0x7000_0000), memfd(0x10000)).unwrap();
+        t.add(desc(0x100000, 0x10000, 0x8000_0000), memfd(0x10000))
+            .unwrap();
+        assert_eq!(t.va_to_gpa(0x7000_0010, 16).unwrap(), GuestAddress(0x10));
+        assert_eq!(
+            t.va_to_gpa(0x8000_fff0, 16).unwrap(),
+            GuestAddress(0x10fff0)
+        );
+        // Crossing a region's end is refused.
+        assert!(t.va_to_gpa(0x8000_fff0, 17).is_err());
+        assert!(t.va_to_gpa(u64::MAX, 2).is_err());
+        let mem = t.snapshot().unwrap();
+        mem.write_obj(0xdead_beefu32, GuestAddress(0x100004)).unwrap();
+        assert_eq!(mem.read_obj::<u32>(GuestAddress(0x100004)).unwrap(), 0xdead_beef);
+        // Outside every region: an error, not a fault.
+        assert!(mem.read_obj::<u32>(GuestAddress(0x20000)).is_err());
+        assert_eq!(mem.num_regions(), 2);
+        assert_eq!(t.gpa_limit(), 0x110000);
+    }
+
+    #[test]
+    fn overlapping_regions_are_refused() {
+        let mut t = MemoryTable::new(8);
+        t.add(desc(0, 0x10000, 0x7000_0000), memfd(0x10000)).unwrap();
+        // Overlap in GPA space.
+        let e = t.add(desc(0x8000, 0x10000, 0x9000_0000), memfd(0x10000));
+        assert!(matches!(e, Err(MemoryError::Overlap { .. })), "{e:?}");
+        // Overlap in user-address space only.
+        let e = t.add(desc(0x100000, 0x10000, 0x7000_8000), memfd(0x10000));
+        assert!(matches!(e, Err(MemoryError::Overlap { .. })), "{e:?}");
+        assert_eq!(t.regions().count(), 1);
+    }
+
+    #[test]
+    fn malformed_regions_are_refused() {
+        let mut t = MemoryTable::new(1);
+        assert!(matches!(
+            t.add(desc(0, 0, 0), memfd(0x1000)),
+            Err(MemoryError::EmptyRegion { .. })
+        ));
+        assert!(matches!(
+            t.add(desc(u64::MAX - 10, 0x1000, 0), memfd(0x1000)),
+            Err(MemoryError::Overflow { .. })
+        ));
+        assert!(matches!(
+            t.add(desc(0, 0x2000, 0), memfd(0x1000)),
+            Err(MemoryError::BeyondFile { .. })
+        ));
+        t.add(desc(0, 0x1000, 0), memfd(0x1000)).unwrap();
+        assert!(matches!(
+            t.add(desc(0x1000, 0x1000, 0x1000), memfd(0x1000)),
+            Err(MemoryError::NoFreeSlot { limit: 1 })
+        ));
+    }
+
+    #[test]
+    fn remove_keeps_old_snapshots_valid() {
+        let mut t = MemoryTable::new(8);
+        t.add(desc(0, 0x1000, 0x1000), memfd(0x1000)).unwrap();
+        let old = t.snapshot().unwrap();
+        assert!(t.remove(&desc(0, 0x2000, 0x1000)).is_err());
+        t.remove(&desc(0, 0x1000, 0x1000)).unwrap();
+        assert!(t.is_empty());
+        old.write_obj(7u8, GuestAddress(0xfff)).unwrap();
+        assert_eq!(old.read_obj::<u8>(GuestAddress(0xfff)).unwrap(), 7);
+    }
+
+    #[test]
+    fn failed_replace_keeps_the_old_table() {
+        let mut t = MemoryTable::new(8);
+        t.add(desc(0, 0x1000, 0x1000), memfd(0x1000)).unwrap();
+        let bad = vec![
+            (desc(0, 0x1000, 0x1000), memfd(0x1000)),
+            (desc(0x800, 0x1000, 0x9000), memfd(0x1000)),
+        ];
+        assert!(t.replace(bad).is_err());
+        assert_eq!(t.regions().count(), 1);
+    }
+}

@@ -1,0 +1,519 @@
+//! The generic VIRTIO machinery every device gets: feature negotiation, the status state
+//! machine, queue configuration, and when to activate, quiesce and reset the device.
+//!
+//! A transport translates its messages into calls on a [`Framework`]; the framework decides when
+//! the device runs. The rule is one and simple: the device runs with exactly the queues that are
+//! started (have a kick), enabled and valid, once guest memory and features are set (and, where
+//! the transport says so, once the driver has set DRIVER_OK). Any change to a queue the device is
+//! using goes through quiesce → change → activate, so a device never sees a queue change under it
+//! and no request is ever half done when the change happens.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use vm_memory::GuestAddressSpace;
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::features::{self, FeatureError, VIRTIO_F_RING_EVENT_IDX};
+use crate::queue::QueueConfig;
+use crate::status::{self, StatusChange, StatusError};
+use crate::{Activation, ActiveQueue, DeviceError, DeviceType, GuestMemoryHandle, Interrupt};
+use crate::VirtioDevice;
+
+/// Why a queue setting was refused.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum QueueConfigError {
+    /// The size is zero, not a power of two, or larger than the device allows.
+    #[error("queue size {size} is invalid (maximum {max}, must be a power of two)")]
+    InvalidSize {
+        /// The size asked for.
+        size: u32,
+        /// The device's maximum.
+        max: u16,
+    },
+    /// The queue index is beyond the device's queues.
+    #[error("queue {index} does not exist (the device has {count})")]
+    NoSuchQueue {
+        /// The index asked for.
+        index: u32,
+        /// How many queues there are.
+        count: usize,
+    },
+}
+
+/// Errors of the framework, reported to the transport.
+#[derive(Debug, thiserror::Error)]
+pub enum FrameworkError {
+    /// Feature negotiation failed.
+    #[error(transparent)]
+    Features(#[from] FeatureError),
+    /// Features may not change once the driver has set FEATURES_OK or DRIVER_OK.
+    #[error("features cannot change after FEATURES_OK (status {status:#x})")]
+    FeaturesLocked {
+        /// The current status.
+        status: u8,
+    },
+    /// The status write was refused.
+    #[error(transparent)]
+    Status(#[from] StatusError),
+    /// FEATURES_OK or DRIVER_OK before the driver set any features.
+    #[error("status {status:#x} needs features, and none were set")]
+    NoFeatures {
+        /// The status written.
+        status: u8,
+    },
+    /// A queue setting was refused.
+    #[error(transparent)]
+    Queue(#[from] QueueConfigError),
+    /// A configuration-space access outside the device's configuration space.
+    #[error("configuration access of {len} bytes at offset {offset} is outside the {size}-byte configuration space")]
+    ConfigRange {
+        /// The offset.
+        offset: usize,
+        /// The length.
+        len: usize,
+        /// The size of the configuration space.
+        size: usize,
+    },
+    /// The device refused.
+    #[error(transparent)]
+    Device(#[from] DeviceError),
+}
+
+#[derive(Debug)]
+struct QueueSlot {
+    config: QueueConfig,
+    kick: Option<EventFd>,
+    enabled: bool,
+}
+
+impl QueueSlot {
+    fn new(max_size: u16) -> Self {
+        QueueSlot {
+            config: QueueConfig::new(max_size),
+            kick: None,
+            enabled: false,
+        }
+    }
+}
+
+/// Wraps the transport's interrupt sink to record DEVICE_NEEDS_RESET.
+#[derive(Debug)]
+struct FrameworkInterrupt {
+    inner: Arc<dyn Interrupt>,
+    needs_reset: AtomicBool,
+}
+
+impl Interrupt for FrameworkInterrupt {
+    fn signal_queue(&self, index: u16) {
+        self.inner.signal_queue(index)
+    }
+
+    fn signal_config(&self) {
+        self.inner.signal_config()
+    }
+
+    fn signal_needs_reset(&self) {
+        if !self.needs_reset.swap(true, Ordering::AcqRel) {
+            log::warn!("device needs reset");
+            self.inner.signal_needs_reset();
+        }
+    }
+}
+
+/// A device and the generic VIRTIO state around it.
+pub struct Framework {
+    device: Box<dyn VirtioDevice>,
+    offered: u64,
+    acked: Option<u64>,
+    status: u8,
+    queues: Vec<QueueSlot>,
+    memory: Option<GuestMemoryHandle>,
+    interrupt: Arc<FrameworkInterrupt>,
+    running: bool,
+    start_on_driver_ok: bool,
+}
+
+impl std::fmt::Debug for Framework {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Framework")
+            .field("device_type", &self.device.device_type())
+            .field("offered", &format_args!("{:#x}", self.offered))
+            .field("acked", &self.acked)
+            .field("status", &self.status)
+            .field("queues", &self.queues)
+            .field("running", &self.running)
+            .finish()
+    }
+}
+
+impl Framework {
+    /// Wraps `device`; `interrupt` is the transport's sink, handed to the device at activation.
+    pub fn new(device: Box<dyn VirtioDevice>, interrupt: Arc<dyn Interrupt>) -> Self {
+        let offered = device.device_features() | features::FRAMEWORK_FEATURES;
+        let queues = device
+            .queue_max_sizes()
+            .iter()
+            .map(|&m| QueueSlot::new(m))
+            .collect();
+        Framework {
+            device,
+            offered,
+            acked: None,
+            status: 0,
+            queues,
+            memory: None,
+            interrupt: Arc::new(FrameworkInterrupt {
+                inner: interrupt,
+                needs_reset: AtomicBool::new(false),
+            }),
+            running: false,
+            start_on_driver_ok: false,
+        }
+    }
+
+    /// Whether the device waits for DRIVER_OK before it runs (the transport carries the status
+    /// byte), or runs as soon as its queues are started (a transport without status).
+    pub fn set_start_on_driver_ok(&mut self, on: bool) {
+        self.start_on_driver_ok = on;
+        self.refresh();
+    }
+
+    /// The device type.
+    pub fn device_type(&self) -> DeviceType {
+        self.device.device_type()
+    }
+
+    /// The number of queues.
+    pub fn num_queues(&self) -> usize {
+        self.queues.len()
+    }
+
+    /// The largest size of the biggest queue.
+    pub fn max_queue_size(&self) -> u16 {
+        self.queues.iter().map(|q| q.config.max_size).max().unwrap_or(0)
+    }
+
+    /// The features offered to the driver.
+    pub fn offered_features(&self) -> u64 {
+        self.offered
+    }
+
+    /// The features the driver acknowledged, once it has.
+    pub fn acked_features(&self) -> Option<u64> {
+        self.acked
+    }
+
+    /// Whether the device is running.
+    pub fn is_running(&self) -> bool {
+        self.running
+    }
+
+    /// The device status byte, including DEVICE_NEEDS_RESET when the device raised it.
+    pub fn status(&self) -> u8 {
+        let needs_reset = if self.interrupt.needs_reset.load(Ordering::Acquire) {
+            status::DEVICE_NEEDS_RESET
+        } else {
+            0
+        };
+        self.status | needs_reset
+    }
+
+    /// The driver acknowledges `acked` features.
+    pub fn set_features(&mut self, acked: u64) -> Result<(), FrameworkError> {
+        if self.status & (status::FEATURES_OK | status::DRIVER_OK) != 0 && self.acked != Some(acked)
+        {
+            return Err(FrameworkError::FeaturesLocked {
+                status: self.status,
+            });
+        }
+        let acked = features::negotiate(self.offered, acked)?;
+        if self.acked == Some(acked) {
+            return Ok(());
+        }
+        self.pause();
+        self.device.ack_features(acked);
+        self.acked = Some(acked);
+        self.refresh();
+        Ok(())
+    }
+
+    /// The driver writes the status byte.
+    pub fn set_status(&mut self, new: u8) -> Result<(), FrameworkError> {
+        let change = status::transition(self.status, new, self.acked.is_some())?;
+        match change {
+            StatusChange::Reset => {
+                self.reset();
+                return Ok(());
+            }
+            StatusChange::FeaturesOk | StatusChange::DriverOk if self.acked.is_none() => {
+                return Err(FrameworkError::NoFeatures { status: new });
+            }
+            StatusChange::Failed => {
+                self.pause();
+            }
+            _ => {}
+        }
+        self.status = new;
+        self.refresh();
+        Ok(())
+    }
+
+    /// Reads device configuration space.
+    pub fn read_config(&self, offset: usize, data: &mut [u8]) -> Result<(), FrameworkError> {
+        self.check_config_range(offset, data.len())?;
+        self.device.read_config(offset, data);
+        Ok(())
+    }
+
+    /// Writes device configuration space.
+    pub fn write_config(&mut self, offset: usize, data: &[u8]) -> Result<(), FrameworkError> {
+        self.check_config_range(offset, data.len())?;
+        self.device.write_config(offset, data)?;
+        Ok(())
+    }
+
+    fn check_config_range(&self, offset: usize, len: usize) -> Result<(), FrameworkError> {
+        let size = self.device.config_size();
+        match offset.checked_add(len) {
+            Some(end) if end <= size => Ok(()),
+            _ => Err(FrameworkError::ConfigRange { offset, len, size }),
+        }
+    }
+
+    /// Guest memory became available (or was withdrawn). Later changes to the regions are made
+    /// through the handle itself and need no call here.
+    pub fn set_memory(&mut self, memory: Option<GuestMemoryHandle>) {
+        self.pause();
+        self.memory = memory;
+        self.refresh();
+    }
+
+    fn slot(&mut self, index: u32) -> Result<&mut QueueSlot, QueueConfigError> {
+        let count = self.queues.len();
+        self.queues
+            .get_mut(index as usize)
+            .ok_or(QueueConfigError::NoSuchQueue { index, count })
+    }
+
+    fn check_index(&self, index: u32) -> Result<(), QueueConfigError> {
+        if (index as usize) < self.queues.len() {
+            Ok(())
+        } else {
+            Err(QueueConfigError::NoSuchQueue {
+                index,
+                count: self.queues.len(),
+            })
+        }
+    }
+
+    /// Applies `change` to queue `index` with the device quiesced.
+    fn change_queue<T>(
+        &mut self,
+        index: u32,
+        change: impl FnOnce(&mut QueueSlot) -> Result<T, QueueConfigError>,
+    ) -> Result<T, QueueConfigError> {
+        self.check_index(index)?;
+        self.pause();
+        let result = change(self.slot(index)?);
+        self.refresh();
+        result
+    }
+
+    /// Sets the size of queue `index`.
+    pub fn set_queue_size(&mut self, index: u32, size: u32) -> Result<(), QueueConfigError> {
+        self.change_queue(index, |slot| {
+            let max = slot.config.max_size;
+            if size == 0 || size > u32::from(max) || !size.is_power_of_two() {
+                return Err(QueueConfigError::InvalidSize { size, max });
+            }
+            slot.config.size = size as u16;
+            Ok(())
+        })
+    }
+
+    /// Sets the guest-physical addresses of queue `index`'s rings. They are checked against
+    /// guest memory when the queue starts.
+    pub fn set_queue_addresses(
+        &mut self,
+        index: u32,
+        desc_table: u64,
+        avail_ring: u64,
+        used_ring: u64,
+    ) -> Result<(), QueueConfigError> {
+        self.change_queue(index, |slot| {
+            slot.config.desc_table = desc_table;
+            slot.config.avail_ring = avail_ring;
+            slot.config.used_ring = used_ring;
+            Ok(())
+        })
+    }
+
+    /// Sets where queue `index` resumes reading the available ring.
+    pub fn set_queue_base(&mut self, index: u32, next_avail: u16) -> Result<(), QueueConfigError> {
+        self.change_queue(index, |slot| {
+            slot.config.next_avail = next_avail;
+            Ok(())
+        })
+    }
+
+    /// Starts queue `index` with the driver's doorbell.
+    pub fn start_queue(&mut self, index: u32, kick: EventFd) -> Result<(), QueueConfigError> {
+        self.change_queue(index, |slot| {
+            slot.kick = Some(kick);
+            Ok(())
+        })
+    }
+
+    /// Enables or disables queue `index`.
+    pub fn set_queue_enabled(&mut self, index: u32, enabled: bool) -> Result<(), QueueConfigError> {
+        self.change_queue(index, |slot| {
+            slot.enabled = enabled;
+            Ok(())
+        })
+    }
+
+    /// Enables every queue (a transport without per-queue enabling).
+    pub fn enable_all_queues(&mut self) {
+        self.pause();
+        for slot in &mut self.queues {
+            slot.enabled = true;
+        }
+        self.refresh();
+    }
+
+    /// Stops queue `index` after every request taken from it is complete, and returns the index
+    /// of the next available entry the device would have read.
+    pub fn stop_queue(&mut self, index: u32) -> Result<u16, QueueConfigError> {
+        self.change_queue(index, |slot| {
+            slot.kick = None;
+            Ok(slot.config.next_avail)
+        })
+    }
+
+    /// Quiesces the device (every request in flight completes) without changing anything else;
+    /// the device runs again at the next change that allows it. Used before saving state.
+    pub fn quiesce(&mut self) {
+        self.pause();
+    }
+
+    /// Resumes the device after [`Framework::quiesce`] if its queues allow it.
+    pub fn resume(&mut self) {
+        self.refresh();
+    }
+
+    /// Resets the device and all generic state (status, features, queues). Guest memory stays.
+    pub fn reset(&mut self) {
+        self.pause();
+        self.status = 0;
+        self.acked = None;
+        self.interrupt.needs_reset.store(false, Ordering::Release);
+        for slot in &mut self.queues {
+            *slot = QueueSlot::new(slot.config.max_size);
+        }
+        if let Err(e) = self.device.reset() {
+            log::error!("device reset failed: {e}");
+            self.interrupt.needs_reset.store(true, Ordering::Release);
+        }
+    }
+
+    /// The device's state, with the device quiesced.
+    pub fn save_device_state(&mut self) -> Result<Vec<u8>, DeviceError> {
+        self.pause();
+        let state = self.device.save_state();
+        self.refresh();
+        state
+    }
+
+    /// Loads the device's state, with the device quiesced.
+    pub fn load_device_state(&mut self, state: &[u8]) -> Result<(), DeviceError> {
+        self.pause();
+        let result = self.device.load_state(state);
+        self.refresh();
+        result
+    }
+
+    /// The queue configurations (for state saving and diagnostics).
+    pub fn queue_configs(&self) -> impl Iterator<Item = &QueueConfig> {
+        self.queues.iter().map(|s| &s.config)
+    }
+
+    fn pause(&mut self) {
+        if !self.running {
+            return;
+        }
+        self.running = false;
+        for q in self.device.quiesce() {
+            let (index, queue, _kick) = q.into_parts();
+            if let Some(slot) = self.queues.get_mut(index as usize) {
+                slot.config.next_avail = virtio_queue::QueueT::next_avail(&queue);
+            }
+        }
+    }
+
+    fn may_run(&self) -> bool {
+        let blocked = status::FAILED | status::DEVICE_NEEDS_RESET;
+        self.memory.is_some()
+            && self.acked.is_some()
+            && self.status() & blocked == 0
+            && (!self.start_on_driver_ok || self.status & status::DRIVER_OK != 0)
+    }
+
+    /// Activates the device with the queues that are ready, if it may run.
+    fn refresh(&mut self) {
+        if self.running || !self.may_run() {
+            return;
+        }
+        let (Some(memory), Some(acked)) = (self.memory.clone(), self.acked) else {
+            return;
+        };
+        let event_idx = acked & features::bit(VIRTIO_F_RING_EVENT_IDX) != 0;
+        let mem = memory.memory();
+        let mut queues = Vec::new();
+        for (i, slot) in self.queues.iter().enumerate() {
+            let (Some(kick), true) = (&slot.kick, slot.enabled) else {
+                continue;
+            };
+            let queue = match slot.config.build(&mem, event_idx) {
+                Ok(q) => q,
+                Err(e) => {
+                    log::error!("queue {i} cannot start: {e} ({:?})", slot.config);
+                    self.interrupt.signal_needs_reset();
+                    return;
+                }
+            };
+            let kick = match kick.try_clone() {
+                Ok(k) => k,
+                Err(e) => {
+                    log::error!("queue {i}: cannot duplicate the kick eventfd: {e}");
+                    self.interrupt.signal_needs_reset();
+                    return;
+                }
+            };
+            queues.push(ActiveQueue::new(i as u16, queue, kick));
+        }
+        drop(mem);
+        if queues.is_empty() {
+            return;
+        }
+        let activation = Activation {
+            features: acked,
+            memory,
+            queues,
+            interrupt: self.interrupt.clone(),
+        };
+        match self.device.activate(activation) {
+            Ok(()) => self.running = true,
+            Err(e) => {
+                log::error!("device activation failed: {e}");
+                self.interrupt.signal_needs_reset();
+            }
+        }
+    }
+}
+
+impl Drop for Framework {
+    fn drop(&mut self) {
+        self.pause();
+    }
+}
