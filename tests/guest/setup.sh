@@ -244,13 +244,14 @@ ISTAMP="$ASSET_DIR/.stamp-initramfs"
 # load order): PCI transport + block driver + fw_cfg (test script) + ext4.
 GUEST_MODULES=(virtio_pci virtio_blk qemu_fw_cfg ext4)
 # Dynamically linked tools copied with their libraries.
-GUEST_TOOLS=(/usr/bin/fio /sbin/mke2fs /sbin/e2fsck)
+# util-linux blkdiscard: busybox's lacks -z (BLKZEROOUT -> WRITE_ZEROES).
+GUEST_TOOLS=(/usr/bin/fio /sbin/mke2fs /sbin/e2fsck /sbin/blkdiscard)
 
 pkgver() { dpkg-query -W -f='${Version}' "$1" 2>/dev/null || echo none; }
 ikey="$(
     {
         echo "kernel $KVER"
-        for p in busybox-static fio e2fsprogs libc6; do echo "$p $(pkgver "$p")"; done
+        for p in busybox-static fio e2fsprogs util-linux libc6; do echo "$p $(pkgver "$p")"; done
         sha256sum "$SCRIPT_PATH" | cut -d' ' -f1   # the build recipe itself
     } | sha256sum | cut -d' ' -f1
 )"
@@ -267,7 +268,7 @@ else
     cp "$(command -v busybox)" "$STAGE/bin/busybox"
     if ldd "$STAGE/bin/busybox" >/dev/null 2>&1; then die "busybox is not static (busybox-static?)"; fi
     for a in $("$STAGE/bin/busybox" --list); do
-        case "$a" in busybox|mke2fs|mkfs.ext2|mkfs.ext4|e2fsck|fsck.ext4) continue;; esac
+        case "$a" in busybox|mke2fs|mkfs.ext2|mkfs.ext4|e2fsck|fsck.ext4|blkdiscard) continue;; esac
         [[ -e $STAGE/bin/$a ]] || ln -s busybox "$STAGE/bin/$a"
     done
 

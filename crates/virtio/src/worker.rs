@@ -21,6 +21,10 @@ use crate::{ActiveQueue, GuestMemoryHandle, GuestMemoryMmap, Interrupt};
 use vm_memory::GuestAddressSpace;
 
 /// The device-specific half of a worker.
+///
+/// Guest memory is passed as the snapshot of the current batch. A handler that leaves requests in
+/// flight across calls (asynchronous I/O into guest buffers) keeps a clone of the `Arc` with each
+/// request, so the mapping outlives a memory-table change until the request completes.
 pub trait QueueHandler: Send + 'static {
     /// Queue `queue` may have buffers (after a kick, and once when the worker starts): take and
     /// process them. An error means the queue is unusable (a corrupt ring); the worker stops
@@ -28,7 +32,7 @@ pub trait QueueHandler: Send + 'static {
     fn process_queue(
         &mut self,
         queue: &mut ActiveQueue,
-        mem: &GuestMemoryMmap,
+        mem: &Arc<GuestMemoryMmap>,
         interrupt: &dyn Interrupt,
     ) -> Result<(), virtio_queue::Error>;
 
@@ -40,7 +44,7 @@ pub trait QueueHandler: Send + 'static {
     fn process_completions(
         &mut self,
         queues: &mut [ActiveQueue],
-        mem: &GuestMemoryMmap,
+        mem: &Arc<GuestMemoryMmap>,
         interrupt: &dyn Interrupt,
     ) -> bool;
 
@@ -49,7 +53,7 @@ pub trait QueueHandler: Send + 'static {
     fn drain(
         &mut self,
         queues: &mut [ActiveQueue],
-        mem: &GuestMemoryMmap,
+        mem: &Arc<GuestMemoryMmap>,
         interrupt: &dyn Interrupt,
     );
 }
@@ -184,7 +188,7 @@ impl<H: QueueHandler> WorkerLoop<H> {
     fn run(&mut self) {
         self.broken = vec![false; self.queues.len()];
         // A frontend need not kick a queue it starts with buffers in it: look once.
-        let mem = self.ctx.memory.memory();
+        let mem = self.ctx.memory.memory().into_inner();
         for i in 0..self.queues.len() {
             self.process(i, &mem);
         }
@@ -200,7 +204,7 @@ impl<H: QueueHandler> WorkerLoop<H> {
                     return;
                 }
             };
-            let mem = self.ctx.memory.memory();
+            let mem = self.ctx.memory.memory().into_inner();
             for ev in &events[..n] {
                 match Token::decode(ev.data()) {
                     Token::Stop => return,
@@ -225,7 +229,7 @@ impl<H: QueueHandler> WorkerLoop<H> {
     }
 
     /// Busy-polls every queue and the completions until nothing turns up for `ctx.poll`.
-    fn poll(&mut self, mem: &GuestMemoryMmap) {
+    fn poll(&mut self, mem: &Arc<GuestMemoryMmap>) {
         let mut idle_since = Instant::now();
         while idle_since.elapsed() < self.ctx.poll {
             let mut found = self.handler.process_completions(
@@ -247,7 +251,7 @@ impl<H: QueueHandler> WorkerLoop<H> {
         }
     }
 
-    fn process(&mut self, i: usize, mem: &GuestMemoryMmap) {
+    fn process(&mut self, i: usize, mem: &Arc<GuestMemoryMmap>) {
         if self.broken[i] {
             return;
         }
@@ -263,7 +267,7 @@ impl<H: QueueHandler> WorkerLoop<H> {
     }
 
     fn finish(mut self) -> Vec<ActiveQueue> {
-        let mem = self.ctx.memory.memory();
+        let mem = self.ctx.memory.memory().into_inner();
         self.handler
             .drain(&mut self.queues, &mem, self.ctx.interrupt.as_ref());
         self.queues
