@@ -20,8 +20,7 @@ use std::fs::File;
 use std::sync::Arc;
 
 use vm_memory::{
-    FileOffset, GuestAddress, GuestMemoryAtomic, GuestRegionCollection, GuestRegionMmap,
-    MmapRegion,
+    FileOffset, GuestAddress, GuestMemoryAtomic, GuestRegionCollection, GuestRegionMmap, MmapRegion,
 };
 
 /// The snapshot type a device reads and writes guest memory through.
@@ -144,7 +143,9 @@ impl RegionDescriptor {
         self.guest_phys_addr
             .checked_add(self.memory_size)
             .ok_or_else(err)?;
-        self.user_addr.checked_add(self.memory_size).ok_or_else(err)?;
+        self.user_addr
+            .checked_add(self.memory_size)
+            .ok_or_else(err)?;
         self.mmap_offset
             .checked_add(self.memory_size)
             .ok_or_else(err)?;
@@ -303,7 +304,9 @@ impl MemoryTable {
     /// range `[addr, addr + len)` must lie inside one region.
     pub fn va_to_gpa(&self, addr: u64, len: u64) -> Result<GuestAddress, MemoryError> {
         let untranslatable = MemoryError::Untranslatable { addr, len };
-        let end = addr.checked_add(len).ok_or(MemoryError::Untranslatable { addr, len })?;
+        let end = addr
+            .checked_add(len)
+            .ok_or(MemoryError::Untranslatable { addr, len })?;
         self.regions
             .iter()
             .map(|r| &r.desc)
@@ -314,7 +317,11 @@ impl MemoryTable {
 
     /// The end of the highest region in GPA space (the size a dirty log must cover).
     pub fn gpa_limit(&self) -> u64 {
-        self.regions.iter().map(|r| r.desc.gpa_end()).max().unwrap_or(0)
+        self.regions
+            .iter()
+            .map(|r| r.desc.gpa_end())
+            .max()
+            .unwrap_or(0)
     }
 }
 
@@ -343,7 +350,8 @@ mod tests {
     #[test]
     fn regions_map_and_translate() {
         let mut t = MemoryTable::new(8);
-        t.add(desc(0, 0x10000, 0x7000_0000), memfd(0x10000)).unwrap();
+        t.add(desc(0, 0x10000, 0x7000_0000), memfd(0x10000))
+            .unwrap();
         t.add(desc(0x100000, 0x10000, 0x8000_0000), memfd(0x10000))
             .unwrap();
         assert_eq!(t.va_to_gpa(0x7000_0010, 16).unwrap(), GuestAddress(0x10));
@@ -355,8 +363,12 @@ mod tests {
         assert!(t.va_to_gpa(0x8000_fff0, 17).is_err());
         assert!(t.va_to_gpa(u64::MAX, 2).is_err());
         let mem = t.snapshot().unwrap();
-        mem.write_obj(0xdead_beefu32, GuestAddress(0x100004)).unwrap();
-        assert_eq!(mem.read_obj::<u32>(GuestAddress(0x100004)).unwrap(), 0xdead_beef);
+        mem.write_obj(0xdead_beefu32, GuestAddress(0x100004))
+            .unwrap();
+        assert_eq!(
+            mem.read_obj::<u32>(GuestAddress(0x100004)).unwrap(),
+            0xdead_beef
+        );
         // Outside every region: an error, not a fault.
         assert!(mem.read_obj::<u32>(GuestAddress(0x20000)).is_err());
         assert_eq!(mem.num_regions(), 2);
@@ -366,7 +378,8 @@ mod tests {
     #[test]
     fn overlapping_regions_are_refused() {
         let mut t = MemoryTable::new(8);
-        t.add(desc(0, 0x10000, 0x7000_0000), memfd(0x10000)).unwrap();
+        t.add(desc(0, 0x10000, 0x7000_0000), memfd(0x10000))
+            .unwrap();
         // Overlap in GPA space.
         let e = t.add(desc(0x8000, 0x10000, 0x9000_0000), memfd(0x10000));
         assert!(matches!(e, Err(MemoryError::Overlap { .. })), "{e:?}");

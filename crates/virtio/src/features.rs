@@ -26,7 +26,9 @@ pub const FRAMEWORK_FEATURES: u64 =
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum FeatureError {
     /// The driver acknowledged a feature that was not offered.
-    #[error("driver acknowledged features {unoffered:#x} that were not offered (offered {offered:#x})")]
+    #[error(
+        "driver acknowledged features {unoffered:#x} that were not offered (offered {offered:#x})"
+    )]
     NotOffered {
         /// The offending bits.
         unoffered: u64,
@@ -57,10 +59,16 @@ mod tests {
     #[test]
     fn acked_must_be_offered_and_modern() {
         let offered = FRAMEWORK_FEATURES | 1 << 5;
-        assert_eq!(negotiate(offered, bit(VIRTIO_F_VERSION_1) | 1 << 5), Ok(bit(32) | 1 << 5));
+        assert_eq!(
+            negotiate(offered, bit(VIRTIO_F_VERSION_1) | 1 << 5),
+            Ok(bit(32) | 1 << 5)
+        );
         assert_eq!(
             negotiate(offered, bit(VIRTIO_F_VERSION_1) | 1 << 6),
-            Err(FeatureError::NotOffered { unoffered: 1 << 6, offered })
+            Err(FeatureError::NotOffered {
+                unoffered: 1 << 6,
+                offered
+            })
         );
         assert_eq!(negotiate(offered, 1 << 5), Err(FeatureError::NoVersion1));
     }

@@ -17,8 +17,8 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::features::{self, FeatureError, VIRTIO_F_RING_EVENT_IDX};
 use crate::queue::QueueConfig;
 use crate::status::{self, StatusChange, StatusError};
-use crate::{Activation, ActiveQueue, DeviceError, DeviceType, GuestMemoryHandle, Interrupt};
 use crate::VirtioDevice;
+use crate::{Activation, ActiveQueue, DeviceError, DeviceType, GuestMemoryHandle, Interrupt};
 
 /// Why a queue setting was refused.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -191,7 +191,11 @@ impl Framework {
 
     /// The largest size of the biggest queue.
     pub fn max_queue_size(&self) -> u16 {
-        self.queues.iter().map(|q| q.config.max_size).max().unwrap_or(0)
+        self.queues
+            .iter()
+            .map(|q| q.config.max_size)
+            .max()
+            .unwrap_or(0)
     }
 
     /// The features offered to the driver.

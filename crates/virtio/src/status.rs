@@ -128,7 +128,11 @@ mod tests {
         );
         // The device's own NEEDS_RESET bit does not count as a bit the driver cleared.
         assert_eq!(
-            transition(ACKNOWLEDGE | DEVICE_NEEDS_RESET, ACKNOWLEDGE | DRIVER, false),
+            transition(
+                ACKNOWLEDGE | DEVICE_NEEDS_RESET,
+                ACKNOWLEDGE | DRIVER,
+                false
+            ),
             Ok(StatusChange::None)
         );
     }

@@ -127,20 +127,18 @@ impl QueueWorker {
         for (i, q) in queues.iter().enumerate() {
             add(q.kick().as_raw_fd(), Token::Kick(i))?;
         }
-        let thread = std::thread::Builder::new()
-            .name(name)
-            .spawn(move || {
-                let mut w = WorkerLoop {
-                    epoll,
-                    _stop: stop_rx,
-                    queues,
-                    broken: Vec::new(),
-                    handler,
-                    ctx,
-                };
-                w.run();
-                w.finish()
-            })?;
+        let thread = std::thread::Builder::new().name(name).spawn(move || {
+            let mut w = WorkerLoop {
+                epoll,
+                _stop: stop_rx,
+                queues,
+                broken: Vec::new(),
+                handler,
+                ctx,
+            };
+            w.run();
+            w.finish()
+        })?;
         Ok(QueueWorker {
             stop,
             thread: Some(thread),

@@ -1,0 +1,671 @@
+//! One vhost-user backend: a device behind the framework, served to one frontend at a time.
+//!
+//! [`VhostUserBackend`] owns the message loop. Each message is parsed into validated values
+//! before anything acts on it, then turned into calls on the [`Framework`], the [`MemoryTable`]
+//! or the interrupt sink. A refused message is answered with an error where the protocol has a way
+//! to say so (REPLY_ACK, a zero-sized config reply); otherwise the connection is closed in an
+//! orderly way. Either way the backend keeps running and the next frontend can connect.
+
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, IntoRawFd, OwnedFd};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::sync::Arc;
+
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use outboard_memory::{GuestMemoryHandle, MemoryTable, RegionDescriptor};
+use outboard_virtio::{Framework, VirtioDevice};
+use vhost::vhost_user::message::{
+    FrontendReq, VhostUserConfig, VhostUserMemoryRegion, VhostUserSingleMemoryRegion,
+    VhostUserVringAddr, VhostUserVringAddrFlags, VhostUserVringState,
+};
+use vhost::vhost_user::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vm_memory::ByteValued;
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::interrupt::VhostUserInterrupt;
+use crate::wire::{self, Message, WireError};
+use crate::{RequestError, TransportError};
+
+/// SET_MEM_TABLE carries at most this many regions (the spec's baseline).
+const MEM_TABLE_MAX_REGIONS: usize = 8;
+/// The largest config-space access a message may make (the vhost-user limit, 0x1000 - 0x100).
+const MAX_CONFIG_SIZE: u32 = 0xf00;
+/// The vring index bits of SET_VRING_KICK/CALL/ERR.
+const VRING_INDEX_MASK: u64 = 0xff;
+/// "No file descriptor" in SET_VRING_KICK/CALL/ERR.
+const VRING_NOFD_FLAG: u64 = 0x100;
+
+/// The protocol features this transport implements.
+pub fn supported_protocol_features() -> VhostUserProtocolFeatures {
+    VhostUserProtocolFeatures::MQ
+        | VhostUserProtocolFeatures::REPLY_ACK
+        | VhostUserProtocolFeatures::CONFIG
+        | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+        | VhostUserProtocolFeatures::RESET_DEVICE
+        | VhostUserProtocolFeatures::BACKEND_REQ
+        | VhostUserProtocolFeatures::STATUS
+}
+
+/// Settings of a backend.
+#[derive(Clone, Debug)]
+pub struct BackendConfig {
+    /// How many memory regions the frontend may hot-add (GET_MAX_MEM_SLOTS).
+    pub max_mem_slots: usize,
+}
+
+impl Default for BackendConfig {
+    fn default() -> Self {
+        BackendConfig { max_mem_slots: 32 }
+    }
+}
+
+/// How a connection ended.
+#[derive(Debug, PartialEq, Eq)]
+pub enum SessionEnd {
+    /// The frontend went away (or was sent away after a message that could not be answered).
+    Disconnected,
+    /// Shutdown was requested.
+    Shutdown,
+}
+
+/// What a handled message asks the loop to send back.
+enum Outcome {
+    /// No reply of its own (a REPLY_ACK follows if the frontend asked for one).
+    Done,
+    /// The message's own reply payload.
+    Reply(Vec<u8>),
+}
+
+/// A device served over vhost-user.
+#[derive(Debug)]
+pub struct VhostUserBackend {
+    framework: Framework,
+    interrupt: Arc<VhostUserInterrupt>,
+    table: MemoryTable,
+    memory: Option<GuestMemoryHandle>,
+    protocol: VhostUserProtocolFeatures,
+    owned: bool,
+}
+
+impl VhostUserBackend {
+    /// Wraps `device` in the VIRTIO framework and this transport.
+    pub fn new(device: Box<dyn VirtioDevice>, config: BackendConfig) -> Self {
+        let queues = device.queue_max_sizes().len();
+        let interrupt = Arc::new(VhostUserInterrupt::new(queues));
+        VhostUserBackend {
+            framework: Framework::new(device, interrupt.clone()),
+            interrupt,
+            table: MemoryTable::new(config.max_mem_slots),
+            memory: None,
+            protocol: VhostUserProtocolFeatures::empty(),
+            owned: false,
+        }
+    }
+
+    /// The framework (for status and diagnostics).
+    pub fn framework(&self) -> &Framework {
+        &self.framework
+    }
+
+    /// Serves frontends that connect to `listener`, one at a time, until `shutdown` is readable.
+    pub fn serve_listener(
+        &mut self,
+        listener: &UnixListener,
+        shutdown: &EventFd,
+    ) -> Result<(), TransportError> {
+        loop {
+            if !wait_readable(listener.as_fd(), shutdown)? {
+                return Ok(());
+            }
+            let stream = match listener.accept() {
+                Ok((s, _)) => s,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(TransportError::Accept(e)),
+            };
+            log::info!("frontend connected");
+            if self.serve_stream(stream, shutdown)? == SessionEnd::Shutdown {
+                return Ok(());
+            }
+            log::info!("frontend disconnected; listening again");
+        }
+    }
+
+    /// Serves one connected frontend until it disconnects or `shutdown` is readable. The device
+    /// is reset and guest memory dropped when the session ends.
+    pub fn serve_stream(
+        &mut self,
+        stream: UnixStream,
+        shutdown: &EventFd,
+    ) -> Result<SessionEnd, TransportError> {
+        let end = self.session_loop(&stream, shutdown);
+        self.end_session();
+        end
+    }
+
+    fn session_loop(
+        &mut self,
+        stream: &UnixStream,
+        shutdown: &EventFd,
+    ) -> Result<SessionEnd, TransportError> {
+        loop {
+            if !wait_readable(stream.as_fd(), shutdown)? {
+                return Ok(SessionEnd::Shutdown);
+            }
+            let msg = match wire::recv_message(stream) {
+                Ok(m) => m,
+                Err(WireError::Disconnected) => return Ok(SessionEnd::Disconnected),
+                Err(e) => {
+                    log::warn!("closing the connection: {e}");
+                    return Ok(SessionEnd::Disconnected);
+                }
+            };
+            if !self.dispatch(stream, msg) {
+                return Ok(SessionEnd::Disconnected);
+            }
+        }
+    }
+
+    fn end_session(&mut self) {
+        self.framework.reset();
+        self.framework.set_memory(None);
+        self.interrupt.clear();
+        self.table.clear();
+        self.memory = None;
+        self.protocol = VhostUserProtocolFeatures::empty();
+        self.owned = false;
+    }
+
+    /// Handles one message and sends what it calls for. Returns false to close the connection.
+    fn dispatch(&mut self, stream: &UnixStream, msg: Message) -> bool {
+        let header = msg.header;
+        let request = FrontendReq::try_from(header.request).ok();
+        let result = match request {
+            Some(req) => self.handle(req, msg),
+            None => Err(RequestError::Unknown {
+                request: header.request,
+            }),
+        };
+        let reply_ack =
+            header.need_reply() && self.protocol.contains(VhostUserProtocolFeatures::REPLY_ACK);
+        let send = |payload: &[u8]| match wire::send_message(
+            stream,
+            header.request,
+            true,
+            false,
+            payload,
+            &[],
+        ) {
+            Ok(()) => true,
+            Err(e) => {
+                log::warn!("cannot reply to request {}: {e}", header.request);
+                false
+            }
+        };
+        match result {
+            Ok(Outcome::Reply(payload)) => send(&payload),
+            Ok(Outcome::Done) if reply_ack => send(&0u64.to_ne_bytes()),
+            Ok(Outcome::Done) => true,
+            Err(e) => {
+                log::warn!("request {:?} ({}) refused: {e}", request, header.request);
+                if request == Some(FrontendReq::GET_CONFIG) {
+                    // A config reply with no data is how the protocol says "error".
+                    return send(VhostUserConfig::default().as_slice());
+                }
+                if request.is_some_and(has_own_reply) {
+                    log::warn!("the request needs a reply that cannot be given; disconnecting");
+                    return false;
+                }
+                if reply_ack {
+                    return send(&1u64.to_ne_bytes());
+                }
+                // Without REPLY_ACK the protocol has no way to report the failure: an unknown
+                // request may await a reply we cannot form, so the connection closes; a known
+                // one is logged and the session goes on.
+                !matches!(
+                    e,
+                    RequestError::Unknown { .. } | RequestError::Unsupported { .. }
+                )
+            }
+        }
+    }
+
+    fn handle(&mut self, req: FrontendReq, mut msg: Message) -> Result<Outcome, RequestError> {
+        use FrontendReq as R;
+        let fds = msg.fds.len();
+        let expect_fds = |want: usize| {
+            if fds == want {
+                Ok(())
+            } else {
+                Err(RequestError::FdCount { want, got: fds })
+            }
+        };
+        match req {
+            R::GET_FEATURES => {
+                expect_fds(0)?;
+                no_payload(&msg)?;
+                Ok(reply_u64(
+                    self.framework.offered_features()
+                        | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits(),
+                ))
+            }
+            R::SET_FEATURES => {
+                expect_fds(0)?;
+                let v = u64_payload(&msg)?;
+                let protocol_bit = VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+                self.framework.set_features(v & !protocol_bit)?;
+                if v & protocol_bit == 0 {
+                    // Without protocol features there is no SET_VRING_ENABLE: rings run as soon
+                    // as they start.
+                    self.framework.enable_all_queues();
+                }
+                Ok(Outcome::Done)
+            }
+            R::SET_OWNER => {
+                expect_fds(0)?;
+                no_payload(&msg)?;
+                if self.owned {
+                    return Err(RequestError::AlreadyOwned);
+                }
+                self.owned = true;
+                Ok(Outcome::Done)
+            }
+            R::RESET_OWNER => {
+                expect_fds(0)?;
+                self.framework.reset();
+                self.owned = false;
+                Ok(Outcome::Done)
+            }
+            R::GET_PROTOCOL_FEATURES => {
+                expect_fds(0)?;
+                no_payload(&msg)?;
+                Ok(reply_u64(supported_protocol_features().bits()))
+            }
+            R::SET_PROTOCOL_FEATURES => {
+                expect_fds(0)?;
+                let v = u64_payload(&msg)?;
+                let supported = supported_protocol_features().bits();
+                if v & !supported != 0 {
+                    return Err(RequestError::ProtocolFeatures {
+                        unsupported: v & !supported,
+                    });
+                }
+                self.protocol = VhostUserProtocolFeatures::from_bits_truncate(v);
+                self.framework.set_start_on_driver_ok(
+                    self.protocol.contains(VhostUserProtocolFeatures::STATUS),
+                );
+                Ok(Outcome::Done)
+            }
+            R::GET_QUEUE_NUM => {
+                expect_fds(0)?;
+                Ok(reply_u64(self.framework.num_queues() as u64))
+            }
+            R::GET_MAX_MEM_SLOTS => {
+                expect_fds(0)?;
+                Ok(reply_u64(self.table.max_slots() as u64))
+            }
+            R::SET_MEM_TABLE => self.set_mem_table(msg),
+            R::ADD_MEM_REG => {
+                expect_fds(1)?;
+                let desc = single_region(&msg)?;
+                let fd = msg.fds.remove(0);
+                self.table.add(desc, fd.into())?;
+                self.publish_memory()?;
+                Ok(Outcome::Done)
+            }
+            R::REM_MEM_REG => {
+                // A stray fd may come along; it is closed when `msg` drops.
+                if fds > 1 {
+                    return Err(RequestError::FdCount { want: 0, got: fds });
+                }
+                let desc = single_region(&msg)?;
+                self.table.remove(&desc)?;
+                self.publish_memory()?;
+                Ok(Outcome::Done)
+            }
+            R::SET_VRING_NUM => {
+                expect_fds(0)?;
+                let s = vring_state(&msg)?;
+                self.framework.set_queue_size(s.index, s.num)?;
+                Ok(Outcome::Done)
+            }
+            R::SET_VRING_ADDR => {
+                expect_fds(0)?;
+                self.set_vring_addr(&msg)?;
+                Ok(Outcome::Done)
+            }
+            R::SET_VRING_BASE => {
+                expect_fds(0)?;
+                let s = vring_state(&msg)?;
+                let base =
+                    u16::try_from(s.num).map_err(|_| RequestError::VringBase { num: s.num })?;
+                self.framework.set_queue_base(s.index, base)?;
+                Ok(Outcome::Done)
+            }
+            R::GET_VRING_BASE => {
+                expect_fds(0)?;
+                let s = vring_state(&msg)?;
+                let next_avail = self.framework.stop_queue(s.index)?;
+                let reply = VhostUserVringState::new(s.index, u32::from(next_avail));
+                Ok(Outcome::Reply(reply.as_slice().to_vec()))
+            }
+            R::SET_VRING_KICK => {
+                let (index, fd) = self.vring_fd(&mut msg)?;
+                let fd = fd.ok_or(RequestError::PollingUnsupported { index })?;
+                self.framework.start_queue(index, fd)?;
+                Ok(Outcome::Done)
+            }
+            R::SET_VRING_CALL => {
+                let (index, fd) = self.vring_fd(&mut msg)?;
+                self.interrupt.set_call(index as usize, fd);
+                Ok(Outcome::Done)
+            }
+            R::SET_VRING_ERR => {
+                let (index, fd) = self.vring_fd(&mut msg)?;
+                self.interrupt.set_err(index as usize, fd);
+                Ok(Outcome::Done)
+            }
+            R::SET_VRING_ENABLE => {
+                expect_fds(0)?;
+                let s = vring_state(&msg)?;
+                let enable = match s.num {
+                    0 => false,
+                    1 => true,
+                    num => return Err(RequestError::VringEnable { num }),
+                };
+                self.framework.set_queue_enabled(s.index, enable)?;
+                Ok(Outcome::Done)
+            }
+            R::GET_CONFIG => {
+                expect_fds(0)?;
+                let (hdr, data_len) = config_header(&msg)?;
+                let mut data = vec![0u8; data_len];
+                self.framework.read_config(hdr.offset as usize, &mut data)?;
+                let mut reply = hdr.as_slice().to_vec();
+                reply.extend_from_slice(&data);
+                Ok(Outcome::Reply(reply))
+            }
+            R::SET_CONFIG => {
+                expect_fds(0)?;
+                let (hdr, _) = config_header(&msg)?;
+                let data = &msg.payload[std::mem::size_of::<VhostUserConfig>()..];
+                self.framework.write_config(hdr.offset as usize, data)?;
+                Ok(Outcome::Done)
+            }
+            R::SET_BACKEND_REQ_FD => {
+                expect_fds(1)?;
+                no_payload_or_u64(&msg)?;
+                let fd = msg.fds.remove(0);
+                let sock = UnixStream::from(fd);
+                self.interrupt.set_channel(Some(sock));
+                Ok(Outcome::Done)
+            }
+            R::SET_STATUS => {
+                expect_fds(0)?;
+                self.require(VhostUserProtocolFeatures::STATUS, req)?;
+                let v = u64_payload(&msg)?;
+                let status = u8::try_from(v).map_err(|_| RequestError::Status { value: v })?;
+                self.framework.set_status(status)?;
+                Ok(Outcome::Done)
+            }
+            R::GET_STATUS => {
+                expect_fds(0)?;
+                self.require(VhostUserProtocolFeatures::STATUS, req)?;
+                Ok(reply_u64(u64::from(self.framework.status())))
+            }
+            R::RESET_DEVICE => {
+                expect_fds(0)?;
+                self.framework.reset();
+                Ok(Outcome::Done)
+            }
+            other => Err(RequestError::Unsupported { request: other }),
+        }
+    }
+
+    fn require(
+        &self,
+        feature: VhostUserProtocolFeatures,
+        request: FrontendReq,
+    ) -> Result<(), RequestError> {
+        if self.protocol.contains(feature) {
+            Ok(())
+        } else {
+            Err(RequestError::NotNegotiated { request })
+        }
+    }
+
+    fn set_mem_table(&mut self, msg: Message) -> Result<Outcome, RequestError> {
+        const HDR: usize = 8;
+        let region_size = std::mem::size_of::<VhostUserMemoryRegion>();
+        let count: u32 = wire::parse_prefix(&msg.payload).ok_or(RequestError::PayloadSize {
+            got: msg.payload.len(),
+        })?;
+        let count = count as usize;
+        if count == 0 || count > MEM_TABLE_MAX_REGIONS {
+            return Err(RequestError::RegionCount { count });
+        }
+        if msg.payload.len() != HDR + count * region_size {
+            return Err(RequestError::PayloadSize {
+                got: msg.payload.len(),
+            });
+        }
+        if msg.fds.len() != count {
+            return Err(RequestError::FdCount {
+                want: count,
+                got: msg.fds.len(),
+            });
+        }
+        let regions = msg.payload[HDR..]
+            .chunks_exact(region_size)
+            .zip(msg.fds)
+            .map(|(raw, fd)| {
+                let r: VhostUserMemoryRegion = wire::parse(raw).expect("chunk has the region size");
+                (region_descriptor(&r), std::fs::File::from(fd))
+            })
+            .collect();
+        self.table.replace(regions)?;
+        self.publish_memory()?;
+        Ok(Outcome::Done)
+    }
+
+    /// Gives devices a snapshot of the current table.
+    fn publish_memory(&mut self) -> Result<(), RequestError> {
+        let snapshot = self.table.snapshot()?;
+        match &self.memory {
+            Some(handle) => handle
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .replace(snapshot),
+            None => {
+                let handle = GuestMemoryHandle::new(snapshot);
+                self.memory = Some(handle.clone());
+                self.framework.set_memory(Some(handle));
+            }
+        }
+        Ok(())
+    }
+
+    fn set_vring_addr(&mut self, msg: &Message) -> Result<(), RequestError> {
+        let a: VhostUserVringAddr = msg.payload_as().ok_or(RequestError::PayloadSize {
+            got: msg.payload.len(),
+        })?;
+        let (index, flags) = (a.index, a.flags);
+        if flags & !VhostUserVringAddrFlags::all().bits() != 0 {
+            return Err(RequestError::VringFlags { flags });
+        }
+        let size = self
+            .framework
+            .queue_configs()
+            .nth(index as usize)
+            .map(|c| u64::from(c.size))
+            .ok_or(outboard_virtio::QueueConfigError::NoSuchQueue {
+                index,
+                count: self.framework.num_queues(),
+            })?;
+        let (desc, avail, used) = (a.descriptor, a.available, a.used);
+        let desc = self.table.va_to_gpa(desc, 16 * size)?;
+        let avail = self.table.va_to_gpa(avail, 6 + 2 * size)?;
+        let used = self.table.va_to_gpa(used, 6 + 8 * size)?;
+        self.framework
+            .set_queue_addresses(index, desc.0, avail.0, used.0)?;
+        Ok(())
+    }
+
+    /// Parses SET_VRING_KICK/CALL/ERR: the ring index and its eventfd, if one was sent.
+    fn vring_fd(&self, msg: &mut Message) -> Result<(u32, Option<EventFd>), RequestError> {
+        let v = u64_payload(msg)?;
+        if v & !(VRING_INDEX_MASK | VRING_NOFD_FLAG) != 0 {
+            return Err(RequestError::VringFdPayload { value: v });
+        }
+        let index = (v & VRING_INDEX_MASK) as u32;
+        if index as usize >= self.framework.num_queues() {
+            return Err(outboard_virtio::QueueConfigError::NoSuchQueue {
+                index,
+                count: self.framework.num_queues(),
+            }
+            .into());
+        }
+        let want = if v & VRING_NOFD_FLAG != 0 { 0 } else { 1 };
+        if msg.fds.len() != want {
+            return Err(RequestError::FdCount {
+                want,
+                got: msg.fds.len(),
+            });
+        }
+        let fd = msg.fds.pop().map(eventfd).transpose()?;
+        Ok((index, fd))
+    }
+}
+
+/// Requests whose reply is their own (not a REPLY_ACK).
+fn has_own_reply(req: FrontendReq) -> bool {
+    matches!(
+        req,
+        FrontendReq::GET_FEATURES
+            | FrontendReq::GET_PROTOCOL_FEATURES
+            | FrontendReq::GET_VRING_BASE
+            | FrontendReq::GET_QUEUE_NUM
+            | FrontendReq::GET_CONFIG
+            | FrontendReq::GET_MAX_MEM_SLOTS
+            | FrontendReq::GET_STATUS
+            | FrontendReq::GET_INFLIGHT_FD
+            | FrontendReq::GET_SHARED_OBJECT
+            | FrontendReq::SET_LOG_BASE
+            | FrontendReq::SET_DEVICE_STATE_FD
+            | FrontendReq::CHECK_DEVICE_STATE
+            | FrontendReq::GET_SHMEM_CONFIG
+            | FrontendReq::POSTCOPY_ADVISE
+    )
+}
+
+/// Checks the fd is an eventfd and wraps it.
+fn eventfd(fd: OwnedFd) -> Result<EventFd, RequestError> {
+    let link = std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd()));
+    match link {
+        Ok(target) if target.as_os_str() == "anon_inode:[eventfd]" => {}
+        Ok(target) => {
+            return Err(RequestError::NotAnEventFd {
+                what: target.to_string_lossy().into_owned(),
+            })
+        }
+        // Without /proc (a sandbox may hide it) the check cannot be made; epoll will refuse a
+        // file it cannot wait on.
+        Err(_) => {}
+    }
+    // SAFETY: `into_raw_fd` hands over sole ownership of a valid fd, which EventFd takes.
+    Ok(unsafe { EventFd::from_raw_fd(fd.into_raw_fd()) })
+}
+
+fn region_descriptor(r: &VhostUserMemoryRegion) -> RegionDescriptor {
+    RegionDescriptor {
+        guest_phys_addr: r.guest_phys_addr,
+        memory_size: r.memory_size,
+        user_addr: r.user_addr,
+        mmap_offset: r.mmap_offset,
+    }
+}
+
+fn single_region(msg: &Message) -> Result<RegionDescriptor, RequestError> {
+    let r: VhostUserSingleMemoryRegion = msg.payload_as().ok_or(RequestError::PayloadSize {
+        got: msg.payload.len(),
+    })?;
+    Ok(region_descriptor(&r))
+}
+
+fn reply_u64(v: u64) -> Outcome {
+    Outcome::Reply(v.to_ne_bytes().to_vec())
+}
+
+fn u64_payload(msg: &Message) -> Result<u64, RequestError> {
+    msg.payload_as::<u64>().ok_or(RequestError::PayloadSize {
+        got: msg.payload.len(),
+    })
+}
+
+fn no_payload(msg: &Message) -> Result<(), RequestError> {
+    if msg.payload.is_empty() {
+        Ok(())
+    } else {
+        Err(RequestError::PayloadSize {
+            got: msg.payload.len(),
+        })
+    }
+}
+
+/// QEMU sends SET_BACKEND_REQ_FD with no payload; some frontends add a u64.
+fn no_payload_or_u64(msg: &Message) -> Result<(), RequestError> {
+    match msg.payload.len() {
+        0 | 8 => Ok(()),
+        got => Err(RequestError::PayloadSize { got }),
+    }
+}
+
+fn vring_state(msg: &Message) -> Result<VhostUserVringState, RequestError> {
+    msg.payload_as().ok_or(RequestError::PayloadSize {
+        got: msg.payload.len(),
+    })
+}
+
+/// Parses the config header and checks the payload holds exactly `size` bytes after it (for
+/// GET_CONFIG the frontend sends a buffer of that size too).
+fn config_header(msg: &Message) -> Result<(VhostUserConfig, usize), RequestError> {
+    let hdr: VhostUserConfig =
+        wire::parse_prefix(&msg.payload).ok_or(RequestError::PayloadSize {
+            got: msg.payload.len(),
+        })?;
+    let size = hdr.size;
+    if size == 0 || size > MAX_CONFIG_SIZE {
+        return Err(RequestError::ConfigSize { size });
+    }
+    let want = std::mem::size_of::<VhostUserConfig>() + size as usize;
+    if msg.payload.len() != want {
+        return Err(RequestError::PayloadSize {
+            got: msg.payload.len(),
+        });
+    }
+    Ok((hdr, size as usize))
+}
+
+/// Waits until `fd` is readable (true) or `shutdown` is (false).
+fn wait_readable(
+    fd: std::os::fd::BorrowedFd<'_>,
+    shutdown: &EventFd,
+) -> Result<bool, TransportError> {
+    // SAFETY: the eventfd outlives this call, so the borrowed fd stays valid while it is used.
+    let shutdown_fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(shutdown.as_raw_fd()) };
+    loop {
+        let mut fds = [
+            PollFd::new(fd, PollFlags::POLLIN),
+            PollFd::new(shutdown_fd, PollFlags::POLLIN),
+        ];
+        match poll(&mut fds, PollTimeout::NONE) {
+            Ok(_) => {}
+            Err(nix::Error::EINTR) => continue,
+            Err(e) => return Err(TransportError::Poll(e.into())),
+        }
+        if fds[1].revents().is_some_and(|r| !r.is_empty()) {
+            return Ok(false);
+        }
+        if fds[0].revents().is_some_and(|r| !r.is_empty()) {
+            return Ok(true);
+        }
+    }
+}
