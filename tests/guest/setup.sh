@@ -115,7 +115,6 @@ QEMU_LIBS="$ASSET_DIR/qemu-libs"        # only used in the NO_APT_LIBS fallback
 QEMU_BIN="$QEMU_ROOT/usr/bin/qemu-system-x86_64"
 QEMU_MODDIR="$QEMU_ROOT/usr/lib/x86_64-linux-gnu/qemu"
 QEMU_STAMP="$QEMU_ROOT/.stamp"
-QEMU_DEB_PKGS=(qemu-system-x86 qemu-system-common qemu-system-data seabios ipxe-qemu)
 
 if [[ -f $QEMU_STAMP && $REFRESH != 1 && -x $QEMU_BIN ]]; then
     log "qemu: already unpacked ($(cat "$QEMU_STAMP"))"
@@ -169,35 +168,46 @@ qemu_missing_libs() {
         awk '/not found/ {print $1}' | sort -u
 }
 
+# A previous fallback run's unpacked libs count as present.
 QEMU_LD_PATH=""
-if [[ -n "$(qemu_missing_libs)" ]]; then
+lib_dirs() { echo "$QEMU_LIBS/usr/lib/x86_64-linux-gnu:$QEMU_LIBS/lib/x86_64-linux-gnu"; }
+[[ -d $QEMU_LIBS ]] && QEMU_LD_PATH="$(lib_dirs)"
+if [[ -n "$(qemu_missing_libs "$QEMU_LD_PATH")" ]]; then
     mapfile -t LIBPKGS < <(qemu_lib_pkgs)
     if [[ $NO_APT_LIBS != 1 ]] && apt_install_missing "${LIBPKGS[@]}"; then
         :
     else
-        # Fallback: unpack the missing lib packages (and whatever they pull in
-        # that is not installed) next to QEMU and point LD_LIBRARY_PATH there.
+        # Fallback: unpack the missing lib packages, and the not-installed
+        # packages they depend on (first alternative of each Depends, walked
+        # to a fixed point), next to QEMU; LD_LIBRARY_PATH points there.
         log "qemu: unpacking runtime libs into $QEMU_LIBS instead of installing"
         apt_update_once
-        need=()
-        while read -r p; do
-            is_installed "$p" || need+=("$p")
-        done < <(apt-cache depends --recurse --no-recommends --no-suggests --no-conflicts \
-                    --no-breaks --no-replaces --no-enhances "${LIBPKGS[@]}" |
-                 grep -E '^[a-z0-9]' | grep -v ':i386' | sort -u)
         rm -rf "$QEMU_LIBS" "$ASSET_DIR/debs/qemu-libs"
         mkdir -p "$QEMU_LIBS" "$ASSET_DIR/debs/qemu-libs"
-        if [[ ${#need[@]} -gt 0 ]]; then
-            ( cd "$ASSET_DIR/debs/qemu-libs" && apt-get "${APT_OPTS[@]}" download "${need[@]}" >/dev/null )
-            for deb in "$ASSET_DIR"/debs/qemu-libs/*.deb; do dpkg -x "$deb" "$QEMU_LIBS"; done
-        fi
+        declare -A seen=()
+        todo=()
+        for p in "${LIBPKGS[@]}"; do is_installed "$p" || { todo+=("$p"); seen[$p]=1; }; done
+        while [[ ${#todo[@]} -gt 0 ]]; do
+            ( cd "$ASSET_DIR/debs/qemu-libs" && apt-get "${APT_OPTS[@]}" download "${todo[@]}" >/dev/null )
+            next=()
+            for p in "${todo[@]}"; do
+                debs=("$ASSET_DIR"/debs/qemu-libs/"${p}"_*.deb)
+                deb="${debs[0]}"
+                dpkg -x "$deb" "$QEMU_LIBS"
+                while read -r d; do
+                    [[ -n $d && -z ${seen[$d]:-} ]] || continue
+                    seen[$d]=1
+                    is_installed "$d" || next+=("$d")
+                done < <(dpkg-deb -f "$deb" Pre-Depends Depends | sed 's/^[A-Za-z-]*: //' |
+                         tr ',' '\n' | sed -E 's/\|.*//; s/\(.*//; s/:any//; s/^ +//; s/ +$//')
+            done
+            todo=("${next[@]}")
+        done
+        QEMU_LD_PATH="$(lib_dirs)"
     fi
 fi
-if [[ -d $QEMU_LIBS ]]; then
-    QEMU_LD_PATH="$QEMU_LIBS/usr/lib/x86_64-linux-gnu:$QEMU_LIBS/lib/x86_64-linux-gnu"
-fi
-missing="$(qemu_missing_libs "$QEMU_LD_PATH")"
-[[ -z $missing ]] || die "qemu still misses libraries: $missing"
+unresolved="$(qemu_missing_libs "$QEMU_LD_PATH")"
+[[ -z $unresolved ]] || die "qemu still misses libraries: $unresolved"
 # QEMU 7.2 in Debian is built with modules: TCG itself is accel-tcg-x86_64.so.
 # QEMU_MODULE_DIR makes it load ours, never a system QEMU's (other version).
 LD_LIBRARY_PATH="$QEMU_LD_PATH" QEMU_MODULE_DIR="$QEMU_MODDIR" "$QEMU_BIN" --version | head -1 >&2 \
