@@ -124,30 +124,28 @@ fn capabilities() -> serde_json::Value {
 
 fn blk_config(args: &Args) -> outboard_blk::BlkConfig {
     let storage = match (&args.blk_file, args.null_size) {
-        (Some(path), None) => outboard_blk::StorageConfig::File {
-            path: path.clone(),
-            direct: args.direct,
-            engine: match args.engine {
-                Engine::IoUring => outboard_blk::EngineKind::IoUring,
-                Engine::Sync => outboard_blk::EngineKind::Sync,
-            },
-        },
+        (Some(path), None) => outboard_blk::StorageConfig::File { path: path.clone() },
         (None, Some(size)) => outboard_blk::StorageConfig::Null { size },
         _ => program::usage_error(PROGRAM, "one of --blk-file or --null-size is required"),
     };
     if args.threads.is_some_and(|t| t > args.num_queues) {
         program::usage_error(PROGRAM, "--threads cannot exceed --num-queues");
     }
-    outboard_blk::BlkConfig {
-        storage,
-        read_only: args.read_only,
-        num_queues: args.num_queues,
-        queue_size: args.queue_size,
-        serial: args.serial.clone(),
-        threads: args.threads.map(usize::from),
-        poll: Duration::from_micros(args.poll_us),
-        ..Default::default()
-    }
+    let mut config = outboard_blk::BlkConfig::new(storage);
+    config.engine = match args.engine {
+        Engine::IoUring => outboard_blk::EngineKind::Uring,
+        Engine::Sync => outboard_blk::EngineKind::Sync,
+    };
+    config.read_only = args.read_only;
+    config.direct = args.direct;
+    config.num_queues = args.num_queues;
+    config.queue_size = args.queue_size;
+    config.serial = args.serial.clone().unwrap_or_default();
+    config.threads = args
+        .threads
+        .and_then(|t| std::num::NonZeroUsize::new(usize::from(t)));
+    config.poll = Duration::from_micros(args.poll_us);
+    config
 }
 
 fn main() {

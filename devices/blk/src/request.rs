@@ -1,0 +1,673 @@
+//! Requests at the trust boundary: a descriptor chain the driver made becomes a validated
+//! [`BlkRequest`] before any device logic runs (VIRTIO 1.2, section 5.2.6).
+//!
+//! Framing is free: the 16-byte header is the first 16 device-readable bytes, whatever the
+//! descriptors; the status is the last byte of the last device-writable descriptor; the data is
+//! what lies between. Everything the driver wrote is checked: descriptor direction, lengths,
+//! sector ranges (overflow-safe), segment limits, discard and write-zeroes ranges and flags, and
+//! that every buffer lies in guest memory. virtio-queue stops iterating a chain that loops, leaves
+//! the descriptor table or an indirect table, or grows past 4 GiB; such a chain ends with a
+//! descriptor that still points to a next one, and is refused here as broken.
+
+use std::ops::Deref;
+
+use virtio_bindings::virtio_blk::{
+    VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_UNSUPP, VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_FLUSH,
+    VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT, VIRTIO_BLK_T_WRITE_ZEROES,
+    VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP,
+};
+use virtio_queue::DescriptorChain;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryError};
+
+use crate::config::{MAX_SEGMENTS, SERIAL_LEN};
+use outboard_virtio::GuestMemoryMmap;
+
+/// The unit of `sector` fields and of the capacity, whatever the block size.
+pub const SECTOR_SIZE: u64 = 512;
+/// The size of the request header (`struct virtio_blk_outhdr`).
+const HEADER_LEN: u64 = 16;
+/// The size of one discard or write-zeroes range (`struct virtio_blk_discard_write_zeroes`).
+const RANGE_LEN: usize = 16;
+/// How many descriptors of each direction are kept while walking a chain; a chain with more is
+/// refused (the data segments alone may not exceed [`MAX_SEGMENTS`]).
+const KEEP_DESCRIPTORS: usize = MAX_SEGMENTS as usize + 4;
+
+/// One guest buffer (or the part of one that carries data).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Segment {
+    /// Guest-physical address of the first byte.
+    pub addr: GuestAddress,
+    /// Length in bytes.
+    pub len: u32,
+}
+
+/// One range of a discard or write-zeroes request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SectorRange {
+    /// The first sector.
+    pub sector: u64,
+    /// The number of sectors.
+    pub num_sectors: u32,
+    /// Write zeroes only: the driver allows the range to be deallocated.
+    pub unmap: bool,
+}
+
+/// Limits of the discard or write-zeroes command as negotiated.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RangeLimit {
+    /// The most sectors one range may cover.
+    pub max_sectors: u32,
+    /// The most ranges one request may carry.
+    pub max_segments: u32,
+}
+
+/// What requests are checked against: the device's size and the limits the driver negotiated.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RequestLimits {
+    /// The capacity in 512-byte sectors.
+    pub capacity: u64,
+    /// Writes are refused.
+    pub read_only: bool,
+    /// The most data segments of a read or write.
+    pub seg_max: u32,
+    /// The largest data segment of a read or write, in bytes.
+    pub size_max: u32,
+    /// The discard command, if negotiated.
+    pub discard: Option<RangeLimit>,
+    /// The write-zeroes command, if negotiated.
+    pub write_zeroes: Option<RangeLimit>,
+}
+
+/// What a request asks for.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RequestKind {
+    /// `VIRTIO_BLK_T_IN`: read sectors into device-writable `data`.
+    Read {
+        /// The first sector.
+        sector: u64,
+        /// Where the data goes.
+        data: Vec<Segment>,
+    },
+    /// `VIRTIO_BLK_T_OUT`: write device-readable `data` to sectors.
+    Write {
+        /// The first sector.
+        sector: u64,
+        /// Where the data comes from.
+        data: Vec<Segment>,
+    },
+    /// `VIRTIO_BLK_T_FLUSH`: make every completed write durable.
+    Flush,
+    /// `VIRTIO_BLK_T_GET_ID`: write the 20-byte serial number into `data`.
+    GetId {
+        /// Where the serial goes (at least 20 bytes).
+        data: Vec<Segment>,
+    },
+    /// `VIRTIO_BLK_T_DISCARD`: the ranges may be deallocated.
+    Discard {
+        /// The ranges.
+        ranges: Vec<SectorRange>,
+    },
+    /// `VIRTIO_BLK_T_WRITE_ZEROES`: the ranges must read back as zeros.
+    WriteZeroes {
+        /// The ranges.
+        ranges: Vec<SectorRange>,
+    },
+}
+
+/// A validated request.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BlkRequest {
+    head: u16,
+    kind: RequestKind,
+    status: GuestAddress,
+}
+
+/// Why a request was refused. The driver learns [`RequestError::status`]; the variant is for
+/// the log.
+#[derive(Debug, thiserror::Error)]
+pub enum RequestError {
+    /// The chain has no device-writable byte to put the status in: it cannot be answered.
+    #[error("the chain has no device-writable byte for the status")]
+    NoStatus,
+    /// The status byte is outside guest memory: the request cannot be answered.
+    #[error("the status byte at {addr:#x} is outside guest memory")]
+    StatusOutOfMemory {
+        /// Its address.
+        addr: u64,
+    },
+    /// The chain loops, leaves its descriptor table, has a bad indirect table or exceeds 4 GiB.
+    #[error("the descriptor chain is broken after {descriptors} descriptors")]
+    BrokenChain {
+        /// Descriptors read before it broke.
+        descriptors: usize,
+    },
+    /// A device-readable descriptor follows a device-writable one.
+    #[error("descriptor {index} is device-readable but follows a device-writable one")]
+    ReadableAfterWritable {
+        /// Its position in the chain.
+        index: usize,
+    },
+    /// Fewer than 16 device-readable bytes for the header.
+    #[error("the header needs 16 device-readable bytes, the chain has {readable}")]
+    ShortHeader {
+        /// Device-readable bytes in the chain.
+        readable: u64,
+    },
+    /// A buffer the request uses lies (partly) outside guest memory.
+    #[error("buffer {addr:#x}+{len:#x} is outside guest memory")]
+    OutOfMemory {
+        /// Its address.
+        addr: u64,
+        /// Its length.
+        len: u64,
+    },
+    /// Reading the header or ranges from guest memory failed.
+    #[error("cannot read the request from guest memory at {addr:#x}")]
+    GuestMemory {
+        /// Where.
+        addr: u64,
+        /// The underlying error.
+        #[source]
+        source: GuestMemoryError,
+    },
+    /// The request type is unknown or not negotiated.
+    #[error("request type {request_type:#x} is not supported")]
+    Unsupported {
+        /// The type field.
+        request_type: u32,
+    },
+    /// Device-readable bytes where the request type has none.
+    #[error("request type {request_type} carries {len} unexpected device-readable bytes")]
+    UnexpectedReadable {
+        /// The type field.
+        request_type: u32,
+        /// Bytes beyond the header.
+        len: u64,
+    },
+    /// Device-writable bytes where the request type has none.
+    #[error("request type {request_type} carries {len} unexpected device-writable bytes")]
+    UnexpectedWritable {
+        /// The type field.
+        request_type: u32,
+        /// Bytes besides the status.
+        len: u64,
+    },
+    /// A read or write whose data is not made of whole sectors.
+    #[error("data length {len} is not a multiple of 512")]
+    UnalignedLength {
+        /// The data length.
+        len: u64,
+    },
+    /// Sectors beyond the end of the device (or a range that overflows).
+    #[error("sectors {sector}+{sectors} are beyond the capacity of {capacity} sectors")]
+    OutOfRange {
+        /// The first sector.
+        sector: u64,
+        /// The number of sectors.
+        sectors: u64,
+        /// The capacity.
+        capacity: u64,
+    },
+    /// More data segments (or descriptors) than allowed.
+    #[error("{segments} data segments exceed the limit of {max}")]
+    TooManySegments {
+        /// How many the chain has.
+        segments: usize,
+        /// The limit.
+        max: u32,
+    },
+    /// A data segment larger than `size_max`.
+    #[error("a data segment of {len} bytes exceeds size_max {max}")]
+    SegmentTooLarge {
+        /// Its length.
+        len: u32,
+        /// The limit.
+        max: u32,
+    },
+    /// A request that writes, on a read-only device.
+    #[error("request type {request_type} writes to a read-only device")]
+    ReadOnly {
+        /// The type field.
+        request_type: u32,
+    },
+    /// A discard or write-zeroes payload that is not a nonzero number of 16-byte ranges.
+    #[error("a range payload of {len} bytes is not a nonzero multiple of 16")]
+    BadRangePayload {
+        /// Its length.
+        len: u64,
+    },
+    /// More ranges than the negotiated limit.
+    #[error("{count} ranges exceed the limit of {max}")]
+    TooManyRanges {
+        /// How many the request has.
+        count: usize,
+        /// The limit.
+        max: u32,
+    },
+    /// A range with flags the command does not define.
+    #[error("range flags {flags:#x} are not supported by request type {request_type}")]
+    UnsupportedFlags {
+        /// The type field.
+        request_type: u32,
+        /// The flags.
+        flags: u32,
+    },
+    /// A range larger than the negotiated limit.
+    #[error("a range of {num_sectors} sectors exceeds the limit of {max}")]
+    RangeTooLarge {
+        /// Its size.
+        num_sectors: u32,
+        /// The limit.
+        max: u32,
+    },
+    /// A GET_ID buffer shorter than the 20-byte serial.
+    #[error("the GET_ID buffer of {len} bytes is shorter than {SERIAL_LEN}")]
+    GetIdBufferTooSmall {
+        /// Its length.
+        len: u64,
+    },
+}
+
+impl RequestError {
+    /// The status the driver is told: `VIRTIO_BLK_S_UNSUPP` for what the device does not
+    /// implement, `VIRTIO_BLK_S_IOERR` for everything malformed.
+    pub fn status(&self) -> u8 {
+        match self {
+            RequestError::Unsupported { .. } | RequestError::UnsupportedFlags { .. } => {
+                VIRTIO_BLK_S_UNSUPP as u8
+            }
+            _ => VIRTIO_BLK_S_IOERR as u8,
+        }
+    }
+}
+
+/// The shape of a chain: its buffers by direction, as the driver laid them out.
+#[derive(Debug, Default)]
+struct ChainLayout {
+    readable: Vec<Segment>,
+    writable: Vec<Segment>,
+    readable_count: usize,
+    writable_count: usize,
+    readable_len: u64,
+    writable_len: u64,
+    last_writable: Option<Segment>,
+    misordered: Option<usize>,
+    descriptors: usize,
+    broken: bool,
+}
+
+impl ChainLayout {
+    fn walk<M>(chain: DescriptorChain<M>) -> Self
+    where
+        M: Deref,
+        M::Target: vm_memory::GuestMemory,
+    {
+        let mut l = ChainLayout::default();
+        let mut points_on = false;
+        for (index, desc) in chain.enumerate() {
+            l.descriptors += 1;
+            points_on = desc.has_next();
+            if desc.len() == 0 {
+                continue;
+            }
+            let seg = Segment {
+                addr: desc.addr(),
+                len: desc.len(),
+            };
+            if desc.is_write_only() {
+                l.writable_count += 1;
+                l.writable_len += u64::from(seg.len);
+                l.last_writable = Some(seg);
+                if l.writable.len() < KEEP_DESCRIPTORS {
+                    l.writable.push(seg);
+                }
+            } else {
+                if l.writable_count > 0 && l.misordered.is_none() {
+                    l.misordered = Some(index);
+                }
+                l.readable_count += 1;
+                l.readable_len += u64::from(seg.len);
+                if l.readable.len() < KEEP_DESCRIPTORS {
+                    l.readable.push(seg);
+                }
+            }
+        }
+        l.broken = points_on;
+        l
+    }
+
+    /// The status byte: the last byte of the last device-writable descriptor, if it is in
+    /// guest memory.
+    fn status(&self, mem: &GuestMemoryMmap) -> Result<GuestAddress, RequestError> {
+        let last = self.last_writable.ok_or(RequestError::NoStatus)?;
+        let addr = last
+            .addr
+            .0
+            .checked_add(u64::from(last.len) - 1)
+            .ok_or(RequestError::StatusOutOfMemory { addr: u64::MAX })?;
+        if !mem.address_in_range(GuestAddress(addr)) {
+            return Err(RequestError::StatusOutOfMemory { addr });
+        }
+        Ok(GuestAddress(addr))
+    }
+}
+
+/// The segments of `segs` after skipping `skip` bytes.
+fn skip_front(segs: &[Segment], mut skip: u64) -> Result<Vec<Segment>, RequestError> {
+    let mut out = Vec::with_capacity(segs.len());
+    for s in segs {
+        let len = u64::from(s.len);
+        if skip >= len {
+            skip -= len;
+            continue;
+        }
+        let addr = s.addr.0.checked_add(skip).ok_or(RequestError::OutOfMemory {
+            addr: s.addr.0,
+            len,
+        })?;
+        out.push(Segment {
+            addr: GuestAddress(addr),
+            // `skip < len`, which is a u32.
+            len: (len - skip) as u32,
+        });
+        skip = 0;
+    }
+    Ok(out)
+}
+
+/// The device-writable segments without the status byte.
+fn without_status(segs: &[Segment]) -> Vec<Segment> {
+    let mut out = segs.to_vec();
+    if let Some(last) = out.last_mut() {
+        last.len -= 1;
+        if last.len == 0 {
+            out.pop();
+        }
+    }
+    out
+}
+
+/// Copies `out.len()` bytes that start `skip` bytes into `segs` out of guest memory.
+fn read_bytes(
+    mem: &GuestMemoryMmap,
+    segs: &[Segment],
+    skip: u64,
+    out: &mut [u8],
+) -> Result<(), RequestError> {
+    let mut done = 0;
+    for s in skip_front(segs, skip)? {
+        if done == out.len() {
+            break;
+        }
+        let n = (s.len as usize).min(out.len() - done);
+        mem.read_slice(&mut out[done..done + n], s.addr)
+            .map_err(|source| RequestError::GuestMemory {
+                addr: s.addr.0,
+                source,
+            })?;
+        done += n;
+    }
+    if done < out.len() {
+        return Err(RequestError::ShortHeader {
+            readable: skip + done as u64,
+        });
+    }
+    Ok(())
+}
+
+fn sum_len(segs: &[Segment]) -> u64 {
+    segs.iter().map(|s| u64::from(s.len)).sum()
+}
+
+fn check_in_memory(mem: &GuestMemoryMmap, segs: &[Segment]) -> Result<(), RequestError> {
+    for s in segs {
+        if !mem.check_range(s.addr, s.len as usize) {
+            return Err(RequestError::OutOfMemory {
+                addr: s.addr.0,
+                len: u64::from(s.len),
+            });
+        }
+    }
+    Ok(())
+}
+
+fn check_sectors(sector: u64, sectors: u64, capacity: u64) -> Result<(), RequestError> {
+    match sector.checked_add(sectors) {
+        Some(end) if end <= capacity => Ok(()),
+        _ => Err(RequestError::OutOfRange {
+            sector,
+            sectors,
+            capacity,
+        }),
+    }
+}
+
+/// Checks the data of a read or write.
+fn check_data(
+    mem: &GuestMemoryMmap,
+    data: &[Segment],
+    sector: u64,
+    limits: &RequestLimits,
+) -> Result<(), RequestError> {
+    let len = sum_len(data);
+    if len % SECTOR_SIZE != 0 {
+        return Err(RequestError::UnalignedLength { len });
+    }
+    if data.len() > limits.seg_max as usize {
+        return Err(RequestError::TooManySegments {
+            segments: data.len(),
+            max: limits.seg_max,
+        });
+    }
+    if let Some(s) = data.iter().find(|s| s.len > limits.size_max) {
+        return Err(RequestError::SegmentTooLarge {
+            len: s.len,
+            max: limits.size_max,
+        });
+    }
+    check_sectors(sector, len / SECTOR_SIZE, limits.capacity)?;
+    check_in_memory(mem, data)
+}
+
+impl BlkRequest {
+    /// Validates the chain `chain` against `limits`. On error the request is answered with
+    /// [`RequestError::status`] at [`locate_status`], if there is one.
+    pub fn parse<M>(
+        chain: DescriptorChain<M>,
+        mem: &GuestMemoryMmap,
+        limits: &RequestLimits,
+    ) -> Result<Self, RequestError>
+    where
+        M: Deref,
+        M::Target: vm_memory::GuestMemory,
+    {
+        let head = chain.head_index();
+        let l = ChainLayout::walk(chain);
+        let status = l.status(mem)?;
+        if l.broken {
+            return Err(RequestError::BrokenChain {
+                descriptors: l.descriptors,
+            });
+        }
+        if let Some(index) = l.misordered {
+            return Err(RequestError::ReadableAfterWritable { index });
+        }
+        if l.readable_len < HEADER_LEN {
+            return Err(RequestError::ShortHeader {
+                readable: l.readable_len,
+            });
+        }
+        let mut header = [0u8; HEADER_LEN as usize];
+        read_bytes(mem, &l.readable, 0, &mut header)?;
+        let [t0, t1, t2, t3, _, _, _, _, s @ ..] = header;
+        let request_type = u32::from_le_bytes([t0, t1, t2, t3]);
+        let sector = u64::from_le_bytes(s);
+        let too_many = l.readable_count.max(l.writable_count);
+        if too_many > KEEP_DESCRIPTORS {
+            return Err(RequestError::TooManySegments {
+                segments: too_many,
+                max: limits.seg_max,
+            });
+        }
+        let only_header = || match l.readable_len - HEADER_LEN {
+            0 => Ok(()),
+            len => Err(RequestError::UnexpectedReadable { request_type, len }),
+        };
+        let only_status = || match l.writable_len - 1 {
+            0 => Ok(()),
+            len => Err(RequestError::UnexpectedWritable { request_type, len }),
+        };
+        let read_only = || match limits.read_only {
+            true => Err(RequestError::ReadOnly { request_type }),
+            false => Ok(()),
+        };
+        let kind = match request_type {
+            VIRTIO_BLK_T_IN => {
+                only_header()?;
+                let data = without_status(&l.writable);
+                check_data(mem, &data, sector, limits)?;
+                RequestKind::Read { sector, data }
+            }
+            VIRTIO_BLK_T_OUT => {
+                read_only()?;
+                only_status()?;
+                let data = skip_front(&l.readable, HEADER_LEN)?;
+                check_data(mem, &data, sector, limits)?;
+                RequestKind::Write { sector, data }
+            }
+            VIRTIO_BLK_T_FLUSH => {
+                only_header()?;
+                only_status()?;
+                RequestKind::Flush
+            }
+            VIRTIO_BLK_T_GET_ID => {
+                only_header()?;
+                let data = without_status(&l.writable);
+                let len = sum_len(&data);
+                if len < SERIAL_LEN as u64 {
+                    return Err(RequestError::GetIdBufferTooSmall { len });
+                }
+                check_in_memory(mem, &data)?;
+                RequestKind::GetId { data }
+            }
+            VIRTIO_BLK_T_DISCARD | VIRTIO_BLK_T_WRITE_ZEROES => {
+                let discard = request_type == VIRTIO_BLK_T_DISCARD;
+                let limit = if discard {
+                    limits.discard
+                } else {
+                    limits.write_zeroes
+                };
+                let limit = limit.ok_or(RequestError::Unsupported { request_type })?;
+                read_only()?;
+                only_status()?;
+                let ranges = read_ranges(mem, &l, request_type, limit, limits.capacity)?;
+                if discard {
+                    RequestKind::Discard { ranges }
+                } else {
+                    RequestKind::WriteZeroes { ranges }
+                }
+            }
+            _ => return Err(RequestError::Unsupported { request_type }),
+        };
+        Ok(BlkRequest { head, kind, status })
+    }
+
+    /// The index of the chain's head descriptor (the used entry's id).
+    pub fn head(&self) -> u16 {
+        self.head
+    }
+
+    /// What the request asks for.
+    pub fn kind(&self) -> &RequestKind {
+        &self.kind
+    }
+
+    /// Where the status byte goes.
+    pub fn status_addr(&self) -> GuestAddress {
+        self.status
+    }
+
+    /// Takes the request apart: head, kind, status address.
+    pub fn into_parts(self) -> (u16, RequestKind, GuestAddress) {
+        (self.head, self.kind, self.status)
+    }
+}
+
+/// Where the answer to `chain` goes: the last byte of its last device-writable descriptor, if
+/// that is in guest memory. `None` means the request cannot be answered except by a used entry
+/// of length zero.
+pub fn locate_status<M>(chain: DescriptorChain<M>, mem: &GuestMemoryMmap) -> Option<GuestAddress>
+where
+    M: Deref,
+    M::Target: vm_memory::GuestMemory,
+{
+    ChainLayout::walk(chain).status(mem).ok()
+}
+
+/// Reads and checks the ranges of a discard or write-zeroes request.
+fn read_ranges(
+    mem: &GuestMemoryMmap,
+    l: &ChainLayout,
+    request_type: u32,
+    limit: RangeLimit,
+    capacity: u64,
+) -> Result<Vec<SectorRange>, RequestError> {
+    let len = l.readable_len - HEADER_LEN;
+    if len == 0 || len % RANGE_LEN as u64 != 0 {
+        return Err(RequestError::BadRangePayload { len });
+    }
+    let count = (len / RANGE_LEN as u64) as usize;
+    if count > limit.max_segments as usize {
+        return Err(RequestError::TooManyRanges {
+            count,
+            max: limit.max_segments,
+        });
+    }
+    let mut raw = vec![0u8; count * RANGE_LEN];
+    read_bytes(mem, &l.readable, HEADER_LEN, &mut raw)?;
+    let allowed = if request_type == VIRTIO_BLK_T_WRITE_ZEROES {
+        VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP
+    } else {
+        0
+    };
+    let ranges: Vec<SectorRange> = raw
+        .chunks_exact(RANGE_LEN)
+        .map(|c| {
+            let mut sector = [0u8; 8];
+            sector.copy_from_slice(&c[0..8]);
+            let mut num = [0u8; 4];
+            num.copy_from_slice(&c[8..12]);
+            let mut flags = [0u8; 4];
+            flags.copy_from_slice(&c[12..16]);
+            (
+                u64::from_le_bytes(sector),
+                u32::from_le_bytes(num),
+                u32::from_le_bytes(flags),
+            )
+        })
+        .map(|(sector, num_sectors, flags)| {
+            if flags & !allowed != 0 {
+                return Err(RequestError::UnsupportedFlags {
+                    request_type,
+                    flags,
+                });
+            }
+            Ok(SectorRange {
+                sector,
+                num_sectors,
+                unmap: flags & VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP != 0,
+            })
+        })
+        .collect::<Result<_, _>>()?;
+    for r in &ranges {
+        if r.num_sectors > limit.max_sectors {
+            return Err(RequestError::RangeTooLarge {
+                num_sectors: r.num_sectors,
+                max: limit.max_sectors,
+            });
+        }
+        check_sectors(r.sector, u64::from(r.num_sectors), capacity)?;
+    }
+    Ok(ranges)
+}
+

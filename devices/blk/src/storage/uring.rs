@@ -1,0 +1,386 @@
+//! The io_uring engine: reads and writes go straight between the file and guest memory, the
+//! operations of a batch are submitted with one system call, and completions raise an eventfd
+//! the queue worker waits on.
+//!
+//! Every operation in the kernel is owned by the engine until its completion is reaped: its
+//! [`IoBuffers`] keep the guest mapping and the iovec array alive. Dropping the engine waits for
+//! every operation still in the kernel, so the kernel never writes to memory that was freed.
+#![allow(unsafe_code)]
+
+use std::collections::VecDeque;
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::Arc;
+
+use io_uring::{opcode, squeue, types, IoUring};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use super::{
+    is_transient, is_unsupported, Completion, Engine, FallocateSupport, Op, StorageError,
+    ZeroBuffer, ZeroStep, PUNCH_HOLE,
+};
+
+/// One operation the engine owns.
+#[derive(Debug)]
+struct Slot {
+    token: u64,
+    op: Op,
+    /// Write zeroes: the way being tried, and for [`ZeroStep::Write`] the bytes written.
+    step: ZeroStep,
+    zeroed: u64,
+}
+
+/// See the module documentation.
+pub(crate) struct UringEngine {
+    ring: IoUring,
+    eventfd: EventFd,
+    file: Arc<File>,
+    slots: Vec<Option<Slot>>,
+    free: Vec<usize>,
+    /// Slots waiting for room in the submission queue (new, or resubmitted after a short
+    /// transfer or a transient error).
+    backlog: VecDeque<usize>,
+    done: Vec<Completion>,
+    /// Operations pushed to the ring and not yet completed; kept at most the completion queue's
+    /// size so that no completion can be dropped.
+    in_kernel: usize,
+    max_in_kernel: usize,
+    support: FallocateSupport,
+    zeroes: Arc<ZeroBuffer>,
+    cqes: Vec<(u64, i32)>,
+}
+
+impl std::fmt::Debug for UringEngine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UringEngine")
+            .field("ring_fd", &self.ring.as_raw_fd())
+            .field("eventfd", &self.eventfd.as_raw_fd())
+            .field("in_flight", &self.in_flight())
+            .field("in_kernel", &self.in_kernel)
+            .field("support", &self.support)
+            .finish()
+    }
+}
+
+impl UringEngine {
+    /// A ring of `depth` entries (clamped to 8..=4096) on `file`, its completions signalled on a
+    /// new eventfd.
+    pub fn new(file: Arc<File>, depth: u32) -> Result<Self, StorageError> {
+        let ring = IoUring::new(depth.clamp(8, 4096)).map_err(|source| StorageError::Ring {
+            what: "setup",
+            source,
+        })?;
+        let eventfd = EventFd::new(EFD_NONBLOCK).map_err(|source| StorageError::Ring {
+            what: "eventfd creation",
+            source,
+        })?;
+        ring.submitter()
+            .register_eventfd(eventfd.as_raw_fd())
+            .map_err(|source| StorageError::Ring {
+                what: "eventfd registration",
+                source,
+            })?;
+        let max_in_kernel = ring.params().cq_entries() as usize;
+        Ok(UringEngine {
+            ring,
+            eventfd,
+            file,
+            slots: Vec::new(),
+            free: Vec::new(),
+            backlog: VecDeque::new(),
+            done: Vec::new(),
+            in_kernel: 0,
+            max_in_kernel,
+            support: FallocateSupport::default(),
+            zeroes: Arc::new(ZeroBuffer::new()),
+            cqes: Vec::new(),
+        })
+    }
+
+    fn finish(&mut self, id: usize, result: Result<(), StorageError>) {
+        if let Some(slot) = self.slots.get_mut(id).and_then(Option::take) {
+            let result = match (&slot.op, result) {
+                (Op::Read { bufs, .. }, Ok(())) => bufs.finish(),
+                (_, r) => r,
+            };
+            self.free.push(id);
+            self.done.push(Completion {
+                token: slot.token,
+                result,
+            });
+        }
+    }
+
+    /// The submission queue entry for slot `id` in its current state.
+    fn entry(&self, id: usize, slot: &Slot) -> squeue::Entry {
+        let fd = types::Fd(self.file.as_raw_fd());
+        let entry = match &slot.op {
+            Op::Read { offset, bufs } => {
+                let iov = bufs.pending();
+                // At most UIO_MAXIOV iovecs: IoBuffers bounces more.
+                opcode::Readv::new(fd, iov.as_ptr(), iov.len() as u32)
+                    .offset(offset + bufs.done() as u64)
+                    .build()
+            }
+            Op::Write {
+                offset,
+                bufs,
+                durable,
+            } => {
+                let iov = bufs.pending();
+                opcode::Writev::new(fd, iov.as_ptr(), iov.len() as u32)
+                    .offset(offset + bufs.done() as u64)
+                    .rw_flags(if *durable { libc::RWF_DSYNC } else { 0 })
+                    .build()
+            }
+            Op::Flush => opcode::Fsync::new(fd)
+                .flags(types::FsyncFlags::DATASYNC)
+                .build(),
+            Op::Discard { offset, len } => opcode::Fallocate::new(fd, *len)
+                .offset(*offset)
+                .mode(PUNCH_HOLE)
+                .build(),
+            Op::WriteZeroes { offset, len, .. } => match slot.step.mode() {
+                Some(mode) => opcode::Fallocate::new(fd, *len)
+                    .offset(*offset)
+                    .mode(mode)
+                    .build(),
+                None => {
+                    let n = (len - slot.zeroed).min(ZeroBuffer::LEN as u64) as u32;
+                    opcode::Write::new(fd, self.zeroes.as_slice().as_ptr(), n)
+                        .offset(offset + slot.zeroed)
+                        .build()
+                }
+            },
+        };
+        entry.user_data(id as u64)
+    }
+
+    /// Pushes backlogged operations while the rings have room.
+    fn push_backlog(&mut self) {
+        while self.in_kernel < self.max_in_kernel {
+            let Some(&id) = self.backlog.front() else {
+                break;
+            };
+            let Some(slot) = self.slots.get(id).and_then(Option::as_ref) else {
+                self.backlog.pop_front();
+                continue;
+            };
+            let entry = self.entry(id, slot);
+            // SAFETY: every buffer the entry refers to stays valid until its completion is
+            // reaped: the iovec array and the memory it points to belong to the slot's
+            // IoBuffers (which also hold the guest mapping), the zero buffer to the engine,
+            // and slots are only freed when their completion arrives; Drop waits for every
+            // operation in the kernel.
+            let pushed = unsafe { self.ring.submission().push(&entry) };
+            if pushed.is_err() {
+                // The submission queue is full: hand it to the kernel and try again later.
+                if let Err(e) = self.ring.submit() {
+                    if !is_transient(&e) && e.raw_os_error() != Some(libc::EBUSY) {
+                        log::error!("virtio-blk: io_uring submit failed: {e}");
+                    }
+                    break;
+                }
+                continue;
+            }
+            self.backlog.pop_front();
+            self.in_kernel += 1;
+        }
+    }
+
+    /// Handles one completion: finishes the operation, or queues what is left of it.
+    fn complete(&mut self, id: usize, res: i32) {
+        let Some(slot) = self.slots.get_mut(id).and_then(Option::as_mut) else {
+            log::error!("virtio-blk: io_uring completion for unknown operation {id}");
+            return;
+        };
+        let op = slot.op.name();
+        let offset = slot.op.offset();
+        if res < 0 {
+            let source = io::Error::from_raw_os_error(-res);
+            if is_transient(&source) {
+                self.backlog.push_back(id);
+                return;
+            }
+            if is_unsupported(&source) {
+                match &slot.op {
+                    // Discard is advisory.
+                    Op::Discard { .. } => {
+                        self.support.punch_hole = false;
+                        return self.finish(id, Ok(()));
+                    }
+                    Op::WriteZeroes { .. } if slot.step != ZeroStep::Write => {
+                        slot.step = self.support.unsupported(slot.step);
+                        self.backlog.push_back(id);
+                        return;
+                    }
+                    _ => {}
+                }
+            }
+            return self.finish(id, Err(StorageError::Io { op, offset, source }));
+        }
+        let n = res as usize;
+        match &mut slot.op {
+            Op::Read { bufs, .. } | Op::Write { bufs, .. } => {
+                if n == 0 && bufs.remaining() > 0 {
+                    let remaining = bufs.remaining();
+                    let offset = offset + bufs.done() as u64;
+                    return self.finish(
+                        id,
+                        Err(StorageError::ShortTransfer {
+                            op,
+                            offset,
+                            remaining,
+                        }),
+                    );
+                }
+                bufs.advance(n);
+                if bufs.remaining() > 0 {
+                    self.backlog.push_back(id);
+                    return;
+                }
+            }
+            Op::WriteZeroes { len, .. } if slot.step == ZeroStep::Write => {
+                slot.zeroed += n as u64;
+                if n == 0 {
+                    let err = StorageError::ShortTransfer {
+                        op,
+                        offset: offset + slot.zeroed,
+                        remaining: (*len - slot.zeroed) as usize,
+                    };
+                    return self.finish(id, Err(err));
+                }
+                if slot.zeroed < *len {
+                    self.backlog.push_back(id);
+                    return;
+                }
+            }
+            _ => {}
+        }
+        self.finish(id, Ok(()))
+    }
+
+    /// Takes every completion the kernel has posted.
+    fn drain_cq(&mut self) -> bool {
+        let mut cqes = std::mem::take(&mut self.cqes);
+        cqes.extend(
+            self.ring
+                .completion()
+                .map(|c| (c.user_data(), c.result())),
+        );
+        let any = !cqes.is_empty();
+        for &(id, res) in &cqes {
+            self.in_kernel = self.in_kernel.saturating_sub(1);
+            self.complete(id as usize, res);
+        }
+        cqes.clear();
+        self.cqes = cqes;
+        any
+    }
+}
+
+impl Engine for UringEngine {
+    fn name(&self) -> &'static str {
+        "io_uring"
+    }
+
+    fn enqueue(&mut self, token: u64, op: Op) {
+        let step = match &op {
+            Op::WriteZeroes { unmap, .. } => self.support.first_step(*unmap),
+            _ => ZeroStep::Write,
+        };
+        let slot = Slot {
+            token,
+            op,
+            step,
+            zeroed: 0,
+        };
+        let id = match self.free.pop() {
+            Some(id) => id,
+            None => {
+                self.slots.push(None);
+                self.slots.len() - 1
+            }
+        };
+        let discard_unsupported =
+            matches!(slot.op, Op::Discard { .. }) && !self.support.punch_hole;
+        self.slots[id] = Some(slot);
+        if discard_unsupported {
+            self.finish(id, Ok(()));
+        } else {
+            self.backlog.push_back(id);
+        }
+    }
+
+    fn submit(&mut self) {
+        self.push_backlog();
+        if self.ring.submission().is_empty() {
+            return;
+        }
+        if let Err(e) = self.ring.submit() {
+            // Entries stay in the submission queue and go with the next submit.
+            if !is_transient(&e) && e.raw_os_error() != Some(libc::EBUSY) {
+                log::error!("virtio-blk: io_uring submit failed: {e}");
+            }
+        }
+    }
+
+    fn completion_fd(&self) -> Option<RawFd> {
+        Some(self.eventfd.as_raw_fd())
+    }
+
+    fn reap(&mut self, done: &mut Vec<Completion>) {
+        if !self.ring.completion().is_empty() {
+            // Reset the eventfd before taking the completions: one posted after this read
+            // raises it again, so none is missed. A failed read only means it was not raised.
+            let _ = self.eventfd.read();
+            while self.drain_cq() {}
+            if !self.backlog.is_empty() {
+                self.submit();
+            }
+        }
+        done.append(&mut self.done);
+    }
+
+    fn wait(&mut self) -> Result<(), StorageError> {
+        self.push_backlog();
+        if self.in_kernel == 0 {
+            return Ok(());
+        }
+        match self.ring.submit_and_wait(1) {
+            Ok(_) => Ok(()),
+            Err(e) if is_transient(&e) || e.raw_os_error() == Some(libc::EBUSY) => Ok(()),
+            Err(source) => Err(StorageError::Ring {
+                what: "wait",
+                source,
+            }),
+        }
+    }
+
+    fn in_flight(&self) -> usize {
+        self.slots.len() - self.free.len() + self.done.len()
+    }
+}
+
+impl Drop for UringEngine {
+    fn drop(&mut self) {
+        self.backlog.clear();
+        while self.in_kernel > 0 {
+            if let Err(e) = self.ring.submit_and_wait(1) {
+                if !is_transient(&e) {
+                    log::error!(
+                        "virtio-blk: cannot wait for {} io_uring operations ({e}); leaking their buffers",
+                        self.in_kernel
+                    );
+                    // The kernel may still use them: never free them.
+                    std::mem::forget(std::mem::take(&mut self.slots));
+                    std::mem::forget(self.zeroes.clone());
+                    return;
+                }
+            }
+            let n = self.ring.completion().count();
+            self.in_kernel = self.in_kernel.saturating_sub(n);
+        }
+    }
+}
