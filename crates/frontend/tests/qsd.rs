@@ -9,13 +9,14 @@ use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
-use outboard_frontend::queue::Segment;
-use outboard_frontend::raw::{FLAG_REPLY, VERSION};
+use outboard_frontend::queue::{RawDescriptor, Segment};
+use outboard_frontend::raw::{FLAG_NEED_REPLY, FLAG_REPLY, VERSION};
 use outboard_frontend::{
     BlkCompletion, BlkDriver, BlkOptions, BlkRange, BlkRequest, BlkStatus, NotifyMode,
     SessionBuilder, WaitMode,
 };
 use vhost::vhost_user::message::{FrontendReq, VhostUserProtocolFeatures};
+use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 
 const NULL_SIZE: u64 = 64 << 20;
 const IMG_SIZE: u64 = 16 << 20;
@@ -655,4 +656,90 @@ fn bench_qsd_null_co_random_4k() {
             us(max)
         );
     }
+}
+
+#[test]
+fn unknown_request_code_does_not_take_qsd_down() {
+    let Some(qsd) = Qsd::start("unknown-request", Backing::Null, 1) else {
+        return;
+    };
+    let mut s = SessionBuilder::new(qsd.sock())
+        .io_timeout(Some(Duration::from_secs(2)))
+        .connect()
+        .unwrap();
+    let conn = s.connection();
+    let r = conn.raw_request(9999, VERSION | FLAG_NEED_REPLY, &[1, 2, 3], &[]);
+    let closed = conn.peer_closed(Duration::from_secs(2)).unwrap();
+    eprintln!("QSD answered an unknown request with {r:?}; session closed: {closed}");
+    // A backend must refuse the request: a failure status, or ending the session. QSD 10
+    // (libvhost-user) does the latter, after acking 0 because NEED_REPLY was set.
+    let nacked = matches!(&r, Ok(Some(reply)) if reply.payload_u64() != Some(0));
+    assert!(
+        nacked || closed,
+        "unknown request neither refused nor fatal: {r:?}"
+    );
+    drop(s);
+    let mut blk = BlkDriver::connect(SessionBuilder::new(qsd.sock())).unwrap();
+    assert_eq!(blk.queue(0).flush().unwrap(), BlkStatus::Ok);
+}
+
+#[test]
+fn descriptor_outside_guest_memory_does_not_take_qsd_down() {
+    let Some(qsd) = Qsd::start("bad-descriptor", Backing::Null, 1) else {
+        return;
+    };
+    let mut blk = BlkDriver::connect(
+        SessionBuilder::new(qsd.sock()).io_timeout(Some(Duration::from_secs(2))),
+    )
+    .unwrap();
+    let hdr = blk.session().ram_mut().alloc(32, 32).unwrap();
+    hdr.write_at(0, &0u32.to_le_bytes()); // VIRTIO_BLK_T_IN
+    hdr.write_at(16, &[0xff]);
+    let dq = blk.queue(0).driver_queue_mut();
+    let d = dq.alloc_descs(3).unwrap();
+    let next = VRING_DESC_F_NEXT as u16;
+    let write = VRING_DESC_F_WRITE as u16;
+    let descs = [
+        RawDescriptor {
+            addr: hdr.gpa(),
+            len: 16,
+            flags: next,
+            next: d[1],
+        },
+        // 1 TiB: far outside the 64 MiB of guest RAM.
+        RawDescriptor {
+            addr: 1 << 40,
+            len: 4096,
+            flags: next | write,
+            next: d[2],
+        },
+        RawDescriptor {
+            addr: hdr.gpa() + 16,
+            len: 1,
+            flags: write,
+            next: 0,
+        },
+    ];
+    for (i, desc) in descs.into_iter().enumerate() {
+        dq.write_desc(d[i], desc).unwrap();
+    }
+    dq.push_avail(d[0]);
+    dq.kick().unwrap();
+    let mut used = Vec::new();
+    let completed = dq.wait_used(Duration::from_secs(2), &mut used).is_ok();
+    let closed = blk
+        .session()
+        .connection()
+        .peer_closed(Duration::from_millis(200))
+        .unwrap();
+    eprintln!(
+        "QSD on a descriptor outside RAM: completed {completed} (status {:#x}), session closed {closed}",
+        hdr.read_u8(16)
+    );
+    if completed {
+        assert_ne!(hdr.read_u8(16), 0, "must not report success");
+    }
+    drop(blk);
+    let mut blk = BlkDriver::connect(SessionBuilder::new(qsd.sock())).unwrap();
+    assert_eq!(blk.queue(0).flush().unwrap(), BlkStatus::Ok);
 }

@@ -178,6 +178,14 @@ impl VhostUserBackend {
     fn dispatch(&mut self, stream: &UnixStream, msg: Message) -> bool {
         let header = msg.header;
         let request = FrontendReq::try_from(header.request).ok();
+        log::debug!(
+            "request {:?} ({}) flags {:#x} size {} fds {}",
+            request,
+            header.request,
+            header.flags,
+            header.size,
+            msg.fds.len()
+        );
         let result = match request {
             Some(req) => self.handle(req, msg),
             None => Err(RequestError::Unknown {

@@ -58,8 +58,10 @@ pub enum StatusError {
 /// Validates a driver's status write against the current status and says what it means.
 ///
 /// `features_final` tells whether the transport has already fixed the features by other means
-/// (vhost-user's SET_FEATURES), in which case FEATURES_OK is implied and DRIVER_OK may come
-/// without it: QEMU 7.2 sends ACKNOWLEDGE|DRIVER|DRIVER_OK on vhost-user.
+/// (vhost-user's SET_FEATURES). The VMM then writes status on the driver's behalf and does not
+/// replay every step: FEATURES_OK may come alone and DRIVER_OK without it. QEMU 7.2 writes
+/// FEATURES_OK right after SET_FEATURES, then ACKNOWLEDGE|DRIVER|DRIVER_OK when it starts the
+/// device.
 pub fn transition(old: u8, new: u8, features_final: bool) -> Result<StatusChange, StatusError> {
     if new == 0 {
         return Ok(StatusChange::Reset);
@@ -76,7 +78,7 @@ pub fn transition(old: u8, new: u8, features_final: bool) -> Result<StatusChange
         return Ok(StatusChange::Failed);
     }
     let has = |b: u8| new & b != 0;
-    if (has(DRIVER) && !has(ACKNOWLEDGE)) || (has(FEATURES_OK) && !has(DRIVER)) {
+    if (has(DRIVER) && !has(ACKNOWLEDGE)) || (has(FEATURES_OK) && !has(DRIVER) && !features_final) {
         return Err(StatusError::OutOfOrder { new });
     }
     if has(DRIVER_OK) && !(has(FEATURES_OK) || (features_final && has(DRIVER))) {
@@ -126,6 +128,20 @@ mod tests {
             transition(0, ACKNOWLEDGE | DRIVER | DRIVER_OK, true),
             Ok(StatusChange::DriverOk)
         );
+        // QEMU 7.2's sequence.
+        assert_eq!(
+            transition(0, FEATURES_OK, true),
+            Ok(StatusChange::FeaturesOk)
+        );
+        assert_eq!(
+            transition(
+                FEATURES_OK,
+                FEATURES_OK | ACKNOWLEDGE | DRIVER | DRIVER_OK,
+                true
+            ),
+            Ok(StatusChange::DriverOk)
+        );
+        assert!(transition(0, FEATURES_OK, false).is_err());
         // The device's own NEEDS_RESET bit does not count as a bit the driver cleared.
         assert_eq!(
             transition(

@@ -671,3 +671,246 @@ fn read_ranges(
     Ok(ranges)
 }
 
+
+#[cfg(test)]
+mod tests {
+    use virtio_bindings::bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
+    use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
+    use virtio_queue::mock::MockSplitQueue;
+
+    use super::*;
+
+    const W: u16 = VRING_DESC_F_WRITE as u16;
+    const LIMITS: RequestLimits = RequestLimits {
+        capacity: 2048,
+        read_only: false,
+        seg_max: 4,
+        size_max: 8192,
+        discard: Some(RangeLimit {
+            max_sectors: 64,
+            max_segments: 2,
+        }),
+        write_zeroes: Some(RangeLimit {
+            max_sectors: 64,
+            max_segments: 2,
+        }),
+    };
+
+    fn memory() -> GuestMemoryMmap {
+        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x20_0000)]).unwrap()
+    }
+
+    fn header(mem: &GuestMemoryMmap, addr: u64, request_type: u32, sector: u64) {
+        mem.write_obj(request_type.to_le(), GuestAddress(addr)).unwrap();
+        mem.write_obj(sector.to_le(), GuestAddress(addr + 8)).unwrap();
+    }
+
+    fn range_at(mem: &GuestMemoryMmap, addr: u64, sector: u64, n: u32, flags: u32) {
+        mem.write_obj(sector.to_le(), GuestAddress(addr)).unwrap();
+        mem.write_obj(n.to_le(), GuestAddress(addr + 8)).unwrap();
+        mem.write_obj(flags.to_le(), GuestAddress(addr + 12)).unwrap();
+    }
+
+    /// Parses the chain of `(addr, len, flags)` descriptors (NEXT is added).
+    fn parse_with(
+        mem: &GuestMemoryMmap,
+        descs: &[(u64, u32, u16)],
+        limits: &RequestLimits,
+    ) -> Result<BlkRequest, RequestError> {
+        let q = MockSplitQueue::new(mem, 16);
+        let raw: Vec<RawDescriptor> = descs
+            .iter()
+            .map(|&(a, l, f)| RawDescriptor::from(SplitDescriptor::new(a, l, f, 0)))
+            .collect();
+        let chain = q.build_desc_chain(&raw).unwrap();
+        BlkRequest::parse(chain, mem, limits)
+    }
+
+    fn parse(mem: &GuestMemoryMmap, descs: &[(u64, u32, u16)]) -> Result<BlkRequest, RequestError> {
+        parse_with(mem, descs, &LIMITS)
+    }
+
+    #[test]
+    fn framing_is_free_header_data_and_status_may_share_descriptors() {
+        let mem = memory();
+        // A write whose header and data share one descriptor, and whose data spills into a
+        // second one.
+        header(&mem, 0x1_0000, VIRTIO_BLK_T_OUT, 7);
+        let r = parse(&mem, &[(0x1_0000, 16 + 512, 0), (0x2_0000, 512, 0), (0x3_0000, 1, W)])
+            .unwrap();
+        assert_eq!(r.status_addr(), GuestAddress(0x3_0000));
+        let want = vec![
+            Segment { addr: GuestAddress(0x1_0010), len: 512 },
+            Segment { addr: GuestAddress(0x2_0000), len: 512 },
+        ];
+        assert_eq!(r.kind(), &RequestKind::Write { sector: 7, data: want });
+        // A read whose status byte is the last byte of its data descriptor, and whose header is
+        // split over two descriptors.
+        header(&mem, 0x1_0000, VIRTIO_BLK_T_IN, 9);
+        let r = parse(&mem, &[(0x1_0000, 10, 0), (0x1_000a, 6, 0), (0x4_0000, 1025, W)]).unwrap();
+        assert_eq!(r.status_addr(), GuestAddress(0x4_0400));
+        let want = vec![Segment { addr: GuestAddress(0x4_0000), len: 1024 }];
+        assert_eq!(r.kind(), &RequestKind::Read { sector: 9, data: want });
+    }
+
+    #[test]
+    fn limits_on_segments_and_sizes_are_enforced() {
+        let mem = memory();
+        header(&mem, 0x1_0000, VIRTIO_BLK_T_IN, 0);
+        let five: Vec<_> = std::iter::once((0x1_0000, 16, 0))
+            .chain((0..5).map(|i| (0x2_0000 + i * 0x1000, 512, W)))
+            .chain(std::iter::once((0x3_0000, 1, W)))
+            .collect();
+        let e = parse(&mem, &five).unwrap_err();
+        assert!(matches!(e, RequestError::TooManySegments { segments: 5, max: 4 }), "{e}");
+        let e = parse(&mem, &[(0x1_0000, 16, 0), (0x2_0000, 8704, W), (0x3_0000, 1, W)])
+            .unwrap_err();
+        assert!(matches!(e, RequestError::SegmentTooLarge { len: 8704, .. }), "{e}");
+        // Not negotiated, the same limits do not bind.
+        let open = RequestLimits {
+            seg_max: MAX_SEGMENTS,
+            size_max: u32::MAX,
+            ..LIMITS
+        };
+        assert!(parse_with(&mem, &five, &open).is_ok());
+    }
+
+    #[test]
+    fn sector_ranges_are_checked_without_overflow() {
+        let mem = memory();
+        for (sector, ok) in [(2046, true), (2047, false), (u64::MAX - 1, false), (u64::MAX, false)] {
+            header(&mem, 0x1_0000, VIRTIO_BLK_T_IN, sector);
+            let r = parse(&mem, &[(0x1_0000, 16, 0), (0x2_0000, 1024, W), (0x3_0000, 1, W)]);
+            match r {
+                Ok(_) => assert!(ok, "sector {sector} accepted"),
+                Err(e) => {
+                    assert!(!ok, "sector {sector} refused: {e}");
+                    assert!(matches!(e, RequestError::OutOfRange { .. }), "{e}");
+                    assert_eq!(e.status(), VIRTIO_BLK_S_IOERR as u8);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn discard_and_write_zeroes_ranges_are_validated() {
+        let mem = memory();
+        let unmap = VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP;
+        let run = |request_type, ranges: &[(u64, u32, u32)]| {
+            header(&mem, 0x1_0000, request_type, 0);
+            for (i, &(s, n, f)) in ranges.iter().enumerate() {
+                range_at(&mem, 0x2_0000 + 16 * i as u64, s, n, f);
+            }
+            let len = 16 * ranges.len() as u32;
+            parse(&mem, &[(0x1_0000, 16, 0), (0x2_0000, len, 0), (0x3_0000, 1, W)])
+        };
+        let r = run(VIRTIO_BLK_T_WRITE_ZEROES, &[(0, 8, unmap), (100, 64, 0)]).unwrap();
+        let want = vec![
+            SectorRange { sector: 0, num_sectors: 8, unmap: true },
+            SectorRange { sector: 100, num_sectors: 64, unmap: false },
+        ];
+        assert_eq!(r.kind(), &RequestKind::WriteZeroes { ranges: want });
+        let e = run(VIRTIO_BLK_T_DISCARD, &[(0, 8, unmap)]).unwrap_err();
+        assert!(matches!(e, RequestError::UnsupportedFlags { flags: 1, .. }), "{e}");
+        assert_eq!(e.status(), VIRTIO_BLK_S_UNSUPP as u8);
+        let e = run(VIRTIO_BLK_T_WRITE_ZEROES, &[(0, 8, 4)]).unwrap_err();
+        assert_eq!(e.status(), VIRTIO_BLK_S_UNSUPP as u8);
+        let e = run(VIRTIO_BLK_T_DISCARD, &[(0, 1, 0), (1, 1, 0), (2, 1, 0)]).unwrap_err();
+        assert!(matches!(e, RequestError::TooManyRanges { count: 3, max: 2 }), "{e}");
+        let e = run(VIRTIO_BLK_T_DISCARD, &[(0, 65, 0)]).unwrap_err();
+        assert!(matches!(e, RequestError::RangeTooLarge { num_sectors: 65, .. }), "{e}");
+        let e = run(VIRTIO_BLK_T_DISCARD, &[(2040, 9, 0)]).unwrap_err();
+        assert!(matches!(e, RequestError::OutOfRange { .. }), "{e}");
+        let e = run(VIRTIO_BLK_T_DISCARD, &[(u64::MAX, 1, 0)]).unwrap_err();
+        assert!(matches!(e, RequestError::OutOfRange { .. }), "{e}");
+        let e = run(VIRTIO_BLK_T_DISCARD, &[]).unwrap_err();
+        assert!(matches!(e, RequestError::BadRangePayload { len: 0 }), "{e}");
+        header(&mem, 0x1_0000, VIRTIO_BLK_T_DISCARD, 0);
+        let e = parse(&mem, &[(0x1_0000, 16, 0), (0x2_0000, 20, 0), (0x3_0000, 1, W)]);
+        assert!(matches!(e, Err(RequestError::BadRangePayload { len: 20 })), "{e:?}");
+        let none = RequestLimits {
+            discard: None,
+            ..LIMITS
+        };
+        let e = parse_with(&mem, &[(0x1_0000, 16, 0), (0x2_0000, 16, 0), (0x3_0000, 1, W)], &none);
+        assert!(matches!(e, Err(RequestError::Unsupported { .. })), "{e:?}");
+    }
+
+    #[test]
+    fn direction_and_shape_errors_are_io_errors() {
+        let mem = memory();
+        header(&mem, 0x1_0000, VIRTIO_BLK_T_FLUSH, 0);
+        let cases: [(&[(u64, u32, u16)], fn(&RequestError) -> bool); 5] = [
+            // The header in a writable descriptor.
+            (&[(0x1_0000, 16, W), (0x3_0000, 1, W)], |e| {
+                matches!(e, RequestError::ShortHeader { readable: 0 })
+            }),
+            // A readable descriptor after a writable one.
+            (&[(0x1_0000, 16, 0), (0x2_0000, 8, W), (0x2_1000, 8, 0), (0x3_0000, 1, W)], |e| {
+                matches!(e, RequestError::ReadableAfterWritable { index: 2 })
+            }),
+            // A flush with data either way.
+            (&[(0x1_0000, 16, 0), (0x2_0000, 512, 0), (0x3_0000, 1, W)], |e| {
+                matches!(e, RequestError::UnexpectedReadable { len: 512, .. })
+            }),
+            (&[(0x1_0000, 16, 0), (0x2_0000, 512, W), (0x3_0000, 1, W)], |e| {
+                matches!(e, RequestError::UnexpectedWritable { len: 512, .. })
+            }),
+            // A header that runs out of guest memory.
+            (&[(0x20_0000 - 8, 16, 0), (0x3_0000, 1, W)], |e| {
+                matches!(e, RequestError::GuestMemory { .. })
+            }),
+        ];
+        for (i, (descs, expected)) in cases.iter().enumerate() {
+            let e = parse(&mem, descs).unwrap_err();
+            assert!(expected(&e), "case {i}: {e}");
+            assert_eq!(e.status(), VIRTIO_BLK_S_IOERR as u8, "case {i}");
+        }
+    }
+
+    #[test]
+    fn a_request_without_a_status_byte_cannot_be_answered() {
+        let mem = memory();
+        header(&mem, 0x1_0000, VIRTIO_BLK_T_FLUSH, 0);
+        let e = parse(&mem, &[(0x1_0000, 16, 0)]).unwrap_err();
+        assert!(matches!(e, RequestError::NoStatus), "{e}");
+        let e = parse(&mem, &[(0x1_0000, 16, 0), (0x20_0000, 1, W)]).unwrap_err();
+        assert!(matches!(e, RequestError::StatusOutOfMemory { addr: 0x20_0000 }), "{e}");
+        let e = parse(&mem, &[(0x1_0000, 16, 0), (u64::MAX, 2, W)]).unwrap_err();
+        assert!(matches!(e, RequestError::StatusOutOfMemory { .. }), "{e}");
+    }
+
+    #[test]
+    fn a_chain_that_loops_is_broken_but_its_status_is_found() {
+        let mem = memory();
+        header(&mem, 0x1_0000, VIRTIO_BLK_T_FLUSH, 0);
+        let q = MockSplitQueue::new(&mem, 16);
+        let next = VRING_DESC_F_NEXT as u16;
+        let raw = [
+            RawDescriptor::from(SplitDescriptor::new(0x1_0000, 16, next, 1)),
+            RawDescriptor::from(SplitDescriptor::new(0x3_0000, 1, next | W, 1)),
+        ];
+        let chain = q.build_multiple_desc_chains(&raw).unwrap();
+        assert_eq!(locate_status(chain.clone(), &mem), Some(GuestAddress(0x3_0000)));
+        let e = BlkRequest::parse(chain, &mem, &LIMITS).unwrap_err();
+        assert!(matches!(e, RequestError::BrokenChain { descriptors: 16 }), "{e}");
+    }
+
+    #[test]
+    fn writes_to_a_read_only_device_and_small_get_id_buffers_are_refused() {
+        let mem = memory();
+        let ro = RequestLimits {
+            read_only: true,
+            ..LIMITS
+        };
+        header(&mem, 0x1_0000, VIRTIO_BLK_T_OUT, 0);
+        let e = parse_with(&mem, &[(0x1_0000, 16, 0), (0x2_0000, 512, 0), (0x3_0000, 1, W)], &ro);
+        assert!(matches!(e, Err(RequestError::ReadOnly { .. })), "{e:?}");
+        header(&mem, 0x1_0000, VIRTIO_BLK_T_GET_ID, 0);
+        let e = parse(&mem, &[(0x1_0000, 16, 0), (0x2_0000, 19, W), (0x3_0000, 1, W)]);
+        assert!(matches!(e, Err(RequestError::GetIdBufferTooSmall { len: 19 })), "{e:?}");
+        let r = parse(&mem, &[(0x1_0000, 16, 0), (0x2_0000, 21, W)]).unwrap();
+        let want = vec![Segment { addr: GuestAddress(0x2_0000), len: 20 }];
+        assert_eq!(r.kind(), &RequestKind::GetId { data: want });
+    }
+}
