@@ -39,3 +39,17 @@ pub use queue::{
     Segment, Used, VringSetup,
 };
 pub use ram::{GuestBuf, GuestRam, RamError, RegionId};
+
+#[cfg(test)]
+mod tests {
+    /// Queues move to worker threads in benchmarks; sessions move to test threads.
+    #[test]
+    fn queues_and_sessions_are_send() {
+        fn send<T: Send>() {}
+        send::<crate::DriverQueue>();
+        send::<crate::BlkQueue>();
+        send::<crate::BlkDriver>();
+        send::<crate::BackendChannel>();
+        send::<crate::GuestBuf>();
+    }
+}

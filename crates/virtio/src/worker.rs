@@ -20,6 +20,20 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use crate::{ActiveQueue, GuestMemoryHandle, GuestMemoryMmap, Interrupt};
 use vm_memory::GuestAddressSpace;
 
+/// A function every worker thread runs first, before it touches a queue: the program installs
+/// its sandbox for the worker role here, so that every device's workers are confined without the
+/// device knowing. It returns an error to refuse to run (the worker then reports
+/// DEVICE_NEEDS_RESET and serves nothing).
+pub type ThreadStartHook = fn() -> Result<(), String>;
+
+static THREAD_START_HOOK: std::sync::OnceLock<ThreadStartHook> = std::sync::OnceLock::new();
+
+/// Sets the hook every worker thread runs at start. It can be set once per process; a second
+/// call returns false and changes nothing.
+pub fn set_thread_start_hook(hook: ThreadStartHook) -> bool {
+    THREAD_START_HOOK.set(hook).is_ok()
+}
+
 /// The device-specific half of a worker.
 ///
 /// Guest memory is passed as the snapshot of the current batch. A handler that leaves requests in

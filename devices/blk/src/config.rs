@@ -442,7 +442,10 @@ mod tests {
         assert_eq!(WRITEBACK_OFFSET, 32);
         assert_eq!(std::mem::offset_of!(ConfigSpace, num_queues), 34);
         assert_eq!(std::mem::offset_of!(ConfigSpace, max_discard_sectors), 36);
-        assert_eq!(std::mem::offset_of!(ConfigSpace, write_zeroes_may_unmap), 56);
+        assert_eq!(
+            std::mem::offset_of!(ConfigSpace, write_zeroes_may_unmap),
+            56
+        );
         let mut config = BlkConfig::null(1 << 20);
         config.num_queues = 4;
         let bytes = spec(&config).config_space(true);
@@ -490,10 +493,16 @@ mod tests {
             let mut config = BlkConfig::null(1 << 20);
             f(&mut config);
             let e = DeviceSpec::new(&config, 1 << 20);
-            assert!(matches!(e, Err(BlkError::InvalidConfig { .. })), "case {i}: {e:?}");
+            assert!(
+                matches!(e, Err(BlkError::InvalidConfig { .. })),
+                "case {i}: {e:?}"
+            );
         }
         let e = DeviceSpec::new(&BlkConfig::null(1000), 1000);
-        assert!(matches!(e, Err(BlkError::UnalignedSize { size: 1000 })), "{e:?}");
+        assert!(
+            matches!(e, Err(BlkError::UnalignedSize { size: 1000 })),
+            "{e:?}"
+        );
     }
 
     #[test]

@@ -70,7 +70,10 @@ fn write_status(mem: &GuestMemoryMmap, addr: GuestAddress, status: u32, len: u32
     match mem.write_obj(status as u8, addr) {
         Ok(()) => len,
         Err(e) => {
-            log::error!("virtio-blk: cannot write the status byte at {:#x}: {e}", addr.0);
+            log::error!(
+                "virtio-blk: cannot write the status byte at {:#x}: {e}",
+                addr.0
+            );
             0
         }
     }
@@ -294,7 +297,11 @@ impl BlkHandler {
                 };
                 let len = write_status(&p.mem, p.status, status, len);
                 let Some(q) = queues.iter_mut().find(|q| q.index() == p.queue) else {
-                    log::error!("virtio-blk: request {} of queue {} has no queue", p.head, p.queue);
+                    log::error!(
+                        "virtio-blk: request {} of queue {} has no queue",
+                        p.head,
+                        p.queue
+                    );
                     continue;
                 };
                 if let Err(e) = q.add_used(mem, p.head, len) {
@@ -481,7 +488,11 @@ mod tests {
         let (status, used, data) = read(&mut d, last, 1024);
         assert_eq!((status, used), (IOERR, 1));
         assert_eq!(data, vec![0x55; 1024], "nothing was read into the buffers");
-        assert_eq!(write(&mut d, u64::MAX, &[1; 512]).0, IOERR, "sector overflow");
+        assert_eq!(
+            write(&mut d, u64::MAX, &[1; 512]).0,
+            IOERR,
+            "sector overflow"
+        );
         let ranges = range(last, 2, 0);
         assert_eq!(command(&mut d, VIRTIO_BLK_T_WRITE_ZEROES, &ranges).0, IOERR);
         let mut disk = vec![0u8; 512];
@@ -518,7 +529,10 @@ mod tests {
         let ranges = range(0, 8, unmap);
         assert_eq!(command(&mut d, VIRTIO_BLK_T_DISCARD, &ranges).0, UNSUPP);
         let ranges = range(0, 8, 2);
-        assert_eq!(command(&mut d, VIRTIO_BLK_T_WRITE_ZEROES, &ranges).0, UNSUPP);
+        assert_eq!(
+            command(&mut d, VIRTIO_BLK_T_WRITE_ZEROES, &ranges).0,
+            UNSUPP
+        );
         let mut disk = vec![0u8; 4096];
         file.as_file().read_exact_at(&mut disk, 0).unwrap();
         assert_eq!(disk, vec![0xaa; 4096], "refused commands changed nothing");
@@ -527,7 +541,10 @@ mod tests {
         let mut d = Driver::new(&mem, file_device(&file, EngineKind::Uring));
         let features = d.all_features() & !(1 << VIRTIO_BLK_F_DISCARD);
         d.activate_with(features);
-        assert_eq!(command(&mut d, VIRTIO_BLK_T_DISCARD, &range(0, 8, 0)).0, UNSUPP);
+        assert_eq!(
+            command(&mut d, VIRTIO_BLK_T_DISCARD, &range(0, 8, 0)).0,
+            UNSUPP
+        );
     }
 
     #[test]
@@ -545,7 +562,10 @@ mod tests {
         let h = d.header(VIRTIO_BLK_T_IN, 0);
         let data = d.alloc(512, 0x33);
         let s = d.status();
-        assert_eq!(d.run(&[(h, 16, false), (data, 512, false), (s, 1, true)]), 1);
+        assert_eq!(
+            d.run(&[(h, 16, false), (data, 512, false), (s, 1, true)]),
+            1
+        );
         assert_eq!((d.byte(s), d.read(data, 512)), (IOERR, vec![0x33; 512]));
         // A write whose data is device-writable.
         let h = d.header(VIRTIO_BLK_T_OUT, 0);
@@ -558,24 +578,39 @@ mod tests {
         let data = d.alloc(512, 0x33);
         let extra = d.alloc(16, 0);
         let s = d.status();
-        let descs = [(h, 16, false), (data, 512, true), (extra, 16, false), (s, 1, true)];
+        let descs = [
+            (h, 16, false),
+            (data, 512, true),
+            (extra, 16, false),
+            (s, 1, true),
+        ];
         assert_eq!(d.run(&descs), 1);
         assert_eq!((d.byte(s), d.read(data, 512)), (IOERR, vec![0x33; 512]));
         // Data that is not a whole number of sectors.
         let h = d.header(VIRTIO_BLK_T_OUT, 0);
         let data = d.alloc(700, 0x33);
         let s = d.status();
-        assert_eq!(d.run(&[(h, 16, false), (data, 700, false), (s, 1, true)]), 1);
+        assert_eq!(
+            d.run(&[(h, 16, false), (data, 700, false), (s, 1, true)]),
+            1
+        );
         assert_eq!(d.byte(s), IOERR);
         // A data buffer outside guest memory.
         let h = d.header(VIRTIO_BLK_T_IN, 0);
         let outside = GuestAddress(crate::testing::MEM_SIZE as u64 - 256);
         let s = d.status();
-        assert_eq!(d.run(&[(h, 16, false), (outside, 512, true), (s, 1, true)]), 1);
+        assert_eq!(
+            d.run(&[(h, 16, false), (outside, 512, true), (s, 1, true)]),
+            1
+        );
         assert_eq!(d.byte(s), IOERR);
         let mut disk = vec![0u8; 4096];
         file.as_file().read_exact_at(&mut disk, 0).unwrap();
-        assert_eq!(disk, vec![0xaa; 4096], "no malformed request reached the disk");
+        assert_eq!(
+            disk,
+            vec![0xaa; 4096],
+            "no malformed request reached the disk"
+        );
         assert_eq!(d.interrupt.needs_reset.load(Ordering::SeqCst), 0);
     }
 
@@ -640,12 +675,18 @@ mod tests {
         let s = d.status();
         let table = d.alloc(48, 0);
         let (next, write) = (VRING_DESC_F_NEXT as u16, VRING_DESC_F_WRITE as u16);
-        let entries = [(h.0, 16, next, 1), (data.0, 1024, next | write, 2), (s.0, 1, write, 0)];
+        let entries = [
+            (h.0, 16, next, 1),
+            (data.0, 1024, next | write, 2),
+            (s.0, 1, write, 0),
+        ];
         for (i, &(addr, len, flags, n)) in entries.iter().enumerate() {
             let desc = virtio_queue::desc::RawDescriptor::from(
                 virtio_queue::desc::split::Descriptor::new(addr, len, flags, n),
             );
-            d.mem.write_obj(desc, table.unchecked_add(16 * i as u64)).unwrap();
+            d.mem
+                .write_obj(desc, table.unchecked_add(16 * i as u64))
+                .unwrap();
         }
         let head = d.push_raw(0, &[(table.0, 48, VRING_DESC_F_INDIRECT as u16, 0)]);
         d.kick(0);
@@ -685,7 +726,11 @@ mod tests {
                 file.as_file()
                     .read_exact_at(&mut block, (q * 64 + i * 8) * 512)
                     .unwrap();
-                assert_eq!(block, vec![q as u8 * 16 + i as u8; 4096], "queue {q} request {i}");
+                assert_eq!(
+                    block,
+                    vec![q as u8 * 16 + i as u8; 4096],
+                    "queue {q} request {i}"
+                );
             }
         }
     }
@@ -710,8 +755,12 @@ mod tests {
         assert_eq!(queues.len(), 1);
         let taken = virtio_queue::QueueT::next_avail(queues[0].queue());
         assert_eq!(d.wait_used(0, taken).len(), usize::from(taken));
-        assert!(statuses[..usize::from(taken)].iter().all(|&s| d.byte(s) == OK));
-        assert!(statuses[usize::from(taken)..].iter().all(|&s| d.byte(s) == UNWRITTEN));
+        assert!(statuses[..usize::from(taken)]
+            .iter()
+            .all(|&s| d.byte(s) == OK));
+        assert!(statuses[usize::from(taken)..]
+            .iter()
+            .all(|&s| d.byte(s) == UNWRITTEN));
         // Activated again with the same queues, the device serves the rest.
         let features = d.all_features();
         d.activate_queues(features, queues);

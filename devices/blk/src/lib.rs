@@ -123,8 +123,7 @@ impl Blk {
         }
         let file = backing.map(|b| Arc::new(b.file));
         let queues_per_thread = usize::from(spec.num_queues).div_ceil(spec.threads);
-        let engine_depth =
-            u32::from(spec.queue_size).saturating_mul(queues_per_thread as u32);
+        let engine_depth = u32::from(spec.queue_size).saturating_mul(queues_per_thread as u32);
         let engines = (0..spec.threads)
             .map(|_| {
                 let engine = storage::new_engine(config.engine, file.as_ref(), engine_depth);
@@ -202,8 +201,7 @@ impl VirtioDevice for Blk {
     fn ack_features(&mut self, features: u64) {
         self.acked = features;
         // VIRTIO 1.2, 5.2.5.1: CONFIG_WCE without FLUSH starts in writethrough.
-        if features & bit(VIRTIO_BLK_F_CONFIG_WCE) != 0 && features & bit(VIRTIO_BLK_F_FLUSH) == 0
-        {
+        if features & bit(VIRTIO_BLK_F_CONFIG_WCE) != 0 && features & bit(VIRTIO_BLK_F_FLUSH) == 0 {
             self.writeback.store(false, Ordering::Release);
         }
     }
@@ -229,7 +227,11 @@ impl VirtioDevice for Blk {
             (WRITEBACK_OFFSET, &[value @ (0 | 1)]) if wce => {
                 log::info!(
                     "virtio-blk: the driver set the cache mode to {}",
-                    if value == 1 { "writeback" } else { "writethrough" }
+                    if value == 1 {
+                        "writeback"
+                    } else {
+                        "writethrough"
+                    }
                 );
                 self.writeback.store(value == 1, Ordering::Release);
                 Ok(())
@@ -291,7 +293,8 @@ impl VirtioDevice for Blk {
     }
 
     fn quiesce(&mut self) -> Vec<ActiveQueue> {
-        let mut queues: Vec<ActiveQueue> = self.workers.drain(..).flat_map(QueueWorker::stop).collect();
+        let mut queues: Vec<ActiveQueue> =
+            self.workers.drain(..).flat_map(QueueWorker::stop).collect();
         queues.sort_by_key(ActiveQueue::index);
         queues
     }
@@ -315,5 +318,204 @@ impl VirtioDevice for Blk {
         saved.check_matches(&self.state()).map_err(refused)?;
         self.writeback.store(saved.writeback, Ordering::Release);
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use outboard_virtio::features::VIRTIO_F_VERSION_1;
+    use virtio_bindings::virtio_blk::*;
+
+    use super::*;
+    use crate::testing::*;
+
+    fn config_u32(blk: &Blk, offset: usize) -> u32 {
+        let mut b = [0u8; 4];
+        blk.read_config(offset, &mut b);
+        u32::from_le_bytes(b)
+    }
+
+    fn writeback(blk: &Blk) -> u8 {
+        let mut b = [0u8; 1];
+        blk.read_config(WRITEBACK_OFFSET, &mut b);
+        b[0]
+    }
+
+    #[test]
+    fn configuration_space_reports_the_storage_and_limits() {
+        let file = temp_file(3 * 4096, 0);
+        let mut config = BlkConfig::file(file.as_path());
+        config.num_queues = 3;
+        config.seg_max = 100;
+        let blk = Blk::new(config).unwrap();
+        assert_eq!(blk.config_size(), 60);
+        let mut capacity = [0u8; 8];
+        blk.read_config(0, &mut capacity);
+        assert_eq!(u64::from_le_bytes(capacity), 24);
+        assert_eq!(config_u32(&blk, 8), 1 << 20, "size_max");
+        assert_eq!(config_u32(&blk, 12), 100, "seg_max");
+        assert_eq!(config_u32(&blk, 20), 512, "blk_size");
+        let mut num_queues = [0u8; 2];
+        blk.read_config(34, &mut num_queues);
+        assert_eq!(u16::from_le_bytes(num_queues), 3);
+        assert_eq!(writeback(&blk), 1);
+        let f = blk.device_features();
+        for feature in [
+            VIRTIO_BLK_F_SIZE_MAX,
+            VIRTIO_BLK_F_SEG_MAX,
+            VIRTIO_BLK_F_BLK_SIZE,
+            VIRTIO_BLK_F_TOPOLOGY,
+            VIRTIO_BLK_F_FLUSH,
+            VIRTIO_BLK_F_CONFIG_WCE,
+            VIRTIO_BLK_F_DISCARD,
+            VIRTIO_BLK_F_WRITE_ZEROES,
+            VIRTIO_BLK_F_MQ,
+        ] {
+            assert_ne!(f & bit(feature), 0, "feature {feature} is offered");
+        }
+        assert_eq!(f & bit(VIRTIO_BLK_F_RO), 0);
+        assert_eq!(blk.queue_max_sizes(), &[256, 256, 256]);
+    }
+
+    #[test]
+    fn writeback_is_the_only_field_the_driver_may_write() {
+        let mut blk = Blk::new(BlkConfig::null(1 << 20)).unwrap();
+        // Not before CONFIG_WCE is negotiated.
+        let e = blk.write_config(WRITEBACK_OFFSET, &[0]);
+        assert!(
+            matches!(e, Err(DeviceError::ConfigWrite { offset: 32, len: 1 })),
+            "{e:?}"
+        );
+        blk.ack_features(blk.device_features() | bit(VIRTIO_F_VERSION_1));
+        blk.write_config(WRITEBACK_OFFSET, &[0]).unwrap();
+        assert_eq!(writeback(&blk), 0);
+        blk.write_config(WRITEBACK_OFFSET, &[1]).unwrap();
+        assert_eq!(writeback(&blk), 1);
+        for (offset, data) in [
+            (WRITEBACK_OFFSET, &[2u8][..]),
+            (WRITEBACK_OFFSET, &[0, 0][..]),
+            (WRITEBACK_OFFSET - 1, &[0, 0][..]),
+            (0, &[0u8; 8][..]),
+            (34, &[1, 0][..]),
+            (59, &[0][..]),
+        ] {
+            let e = blk.write_config(offset, data);
+            assert!(
+                matches!(e, Err(DeviceError::ConfigWrite { .. })),
+                "{offset}: {e:?}"
+            );
+        }
+        let mut capacity = [0u8; 8];
+        blk.read_config(0, &mut capacity);
+        assert_eq!(
+            u64::from_le_bytes(capacity),
+            2048,
+            "refused writes changed nothing"
+        );
+        // A reset restores the configured default.
+        blk.write_config(WRITEBACK_OFFSET, &[0]).unwrap();
+        blk.reset().unwrap();
+        assert_eq!(writeback(&blk), 1);
+        assert!(
+            blk.write_config(WRITEBACK_OFFSET, &[0]).is_err(),
+            "features were reset"
+        );
+    }
+
+    #[test]
+    fn config_wce_without_flush_starts_in_writethrough() {
+        let mut blk = Blk::new(BlkConfig::null(1 << 20)).unwrap();
+        let features = blk.device_features() & !bit(VIRTIO_BLK_F_FLUSH);
+        blk.ack_features(features | bit(VIRTIO_F_VERSION_1));
+        assert_eq!(writeback(&blk), 0);
+    }
+
+    #[test]
+    fn state_round_trips_and_refuses_other_devices() {
+        let mut blk = Blk::new(BlkConfig::null(1 << 20)).unwrap();
+        blk.ack_features(blk.device_features() | bit(VIRTIO_F_VERSION_1));
+        blk.write_config(WRITEBACK_OFFSET, &[0]).unwrap();
+        let saved = blk.save_state().unwrap();
+        let mut restored = Blk::new(BlkConfig::null(1 << 20)).unwrap();
+        assert_eq!(writeback(&restored), 1);
+        restored.load_state(&saved).unwrap();
+        assert_eq!(writeback(&restored), 0, "the driver's cache mode survives");
+        assert_eq!(restored.state(), blk.state());
+        let refused = |config: BlkConfig, blob: &[u8]| {
+            let mut other = Blk::new(config).unwrap();
+            let e = other.load_state(blob);
+            assert!(matches!(e, Err(DeviceError::State { .. })), "{e:?}");
+            assert_eq!(writeback(&other), 1, "a refused state changes nothing");
+        };
+        refused(BlkConfig::null(2 << 20), &saved);
+        let mut two_queues = BlkConfig::null(1 << 20);
+        two_queues.num_queues = 2;
+        refused(two_queues, &saved);
+        let mut read_only = BlkConfig::null(1 << 20);
+        read_only.read_only = true;
+        refused(read_only, &saved);
+        refused(BlkConfig::null(1 << 20), &saved[..saved.len() - 1]);
+        let mut corrupt = saved.clone();
+        corrupt[6] ^= 1;
+        refused(BlkConfig::null(1 << 20), &corrupt);
+        refused(BlkConfig::null(1 << 20), &[]);
+    }
+
+    #[test]
+    fn bad_storage_is_refused_with_a_clear_error() {
+        let file = temp_file(1000, 0);
+        let e = Blk::new(BlkConfig::file(file.as_path()));
+        assert!(
+            matches!(e, Err(BlkError::UnalignedSize { size: 1000 })),
+            "{e:?}"
+        );
+        let e = Blk::new(BlkConfig::file("/nonexistent/outboard-blk"));
+        assert!(matches!(e, Err(BlkError::Open { .. })), "{e:?}");
+        let e = Blk::new(BlkConfig::file("/dev/null"));
+        assert!(matches!(e, Err(BlkError::NotBlockOrFile { .. })), "{e:?}");
+        let e = Blk::new(BlkConfig::null(1000));
+        assert!(
+            matches!(e, Err(BlkError::UnalignedSize { size: 1000 })),
+            "{e:?}"
+        );
+    }
+
+    #[test]
+    fn a_read_only_device_opens_its_file_read_only() {
+        let file = temp_file(4096, 0);
+        let mut config = BlkConfig::file(file.as_path());
+        config.read_only = true;
+        let blk = Blk::new(config).unwrap();
+        assert_ne!(blk.device_features() & bit(VIRTIO_BLK_F_RO), 0);
+        let fd = blk.file.as_deref().unwrap();
+        let flags = nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_GETFL).unwrap();
+        assert_eq!(flags & libc::O_ACCMODE, libc::O_RDONLY);
+    }
+
+    #[test]
+    fn activation_twice_is_refused_and_quiesce_returns_every_queue() {
+        let mem = memory();
+        let mut config = BlkConfig::null(1 << 20);
+        config.num_queues = 3;
+        let mut d = Driver::new(&mem, Blk::new(config).unwrap());
+        d.activate();
+        assert_eq!(d.device.engine_name(), None, "the engines are in use");
+        let features = d.all_features();
+        let e = d.device.activate(Activation {
+            features,
+            memory: vm_memory::GuestMemoryAtomic::new(mem.clone()),
+            queues: Vec::new(),
+            interrupt: d.interrupt.clone(),
+        });
+        assert!(matches!(e, Err(DeviceError::Activate { .. })), "{e:?}");
+        let queues = d.device.quiesce();
+        let indices: Vec<u16> = queues.iter().map(ActiveQueue::index).collect();
+        assert_eq!(indices, [0, 1, 2]);
+        assert_eq!(
+            d.device.engine_name(),
+            Some("null"),
+            "the engines came back"
+        );
+        assert!(d.device.quiesce().is_empty());
     }
 }

@@ -361,10 +361,14 @@ fn skip_front(segs: &[Segment], mut skip: u64) -> Result<Vec<Segment>, RequestEr
             skip -= len;
             continue;
         }
-        let addr = s.addr.0.checked_add(skip).ok_or(RequestError::OutOfMemory {
-            addr: s.addr.0,
-            len,
-        })?;
+        let addr = s
+            .addr
+            .0
+            .checked_add(skip)
+            .ok_or(RequestError::OutOfMemory {
+                addr: s.addr.0,
+                len,
+            })?;
         out.push(Segment {
             addr: GuestAddress(addr),
             // `skip < len`, which is a u32.
@@ -671,7 +675,6 @@ fn read_ranges(
     Ok(ranges)
 }
 
-
 #[cfg(test)]
 mod tests {
     use virtio_bindings::bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
@@ -701,14 +704,17 @@ mod tests {
     }
 
     fn header(mem: &GuestMemoryMmap, addr: u64, request_type: u32, sector: u64) {
-        mem.write_obj(request_type.to_le(), GuestAddress(addr)).unwrap();
-        mem.write_obj(sector.to_le(), GuestAddress(addr + 8)).unwrap();
+        mem.write_obj(request_type.to_le(), GuestAddress(addr))
+            .unwrap();
+        mem.write_obj(sector.to_le(), GuestAddress(addr + 8))
+            .unwrap();
     }
 
     fn range_at(mem: &GuestMemoryMmap, addr: u64, sector: u64, n: u32, flags: u32) {
         mem.write_obj(sector.to_le(), GuestAddress(addr)).unwrap();
         mem.write_obj(n.to_le(), GuestAddress(addr + 8)).unwrap();
-        mem.write_obj(flags.to_le(), GuestAddress(addr + 12)).unwrap();
+        mem.write_obj(flags.to_le(), GuestAddress(addr + 12))
+            .unwrap();
     }
 
     /// Parses the chain of `(addr, len, flags)` descriptors (NEXT is added).
@@ -736,21 +742,53 @@ mod tests {
         // A write whose header and data share one descriptor, and whose data spills into a
         // second one.
         header(&mem, 0x1_0000, VIRTIO_BLK_T_OUT, 7);
-        let r = parse(&mem, &[(0x1_0000, 16 + 512, 0), (0x2_0000, 512, 0), (0x3_0000, 1, W)])
-            .unwrap();
+        let r = parse(
+            &mem,
+            &[
+                (0x1_0000, 16 + 512, 0),
+                (0x2_0000, 512, 0),
+                (0x3_0000, 1, W),
+            ],
+        )
+        .unwrap();
         assert_eq!(r.status_addr(), GuestAddress(0x3_0000));
         let want = vec![
-            Segment { addr: GuestAddress(0x1_0010), len: 512 },
-            Segment { addr: GuestAddress(0x2_0000), len: 512 },
+            Segment {
+                addr: GuestAddress(0x1_0010),
+                len: 512,
+            },
+            Segment {
+                addr: GuestAddress(0x2_0000),
+                len: 512,
+            },
         ];
-        assert_eq!(r.kind(), &RequestKind::Write { sector: 7, data: want });
+        assert_eq!(
+            r.kind(),
+            &RequestKind::Write {
+                sector: 7,
+                data: want
+            }
+        );
         // A read whose status byte is the last byte of its data descriptor, and whose header is
         // split over two descriptors.
         header(&mem, 0x1_0000, VIRTIO_BLK_T_IN, 9);
-        let r = parse(&mem, &[(0x1_0000, 10, 0), (0x1_000a, 6, 0), (0x4_0000, 1025, W)]).unwrap();
+        let r = parse(
+            &mem,
+            &[(0x1_0000, 10, 0), (0x1_000a, 6, 0), (0x4_0000, 1025, W)],
+        )
+        .unwrap();
         assert_eq!(r.status_addr(), GuestAddress(0x4_0400));
-        let want = vec![Segment { addr: GuestAddress(0x4_0000), len: 1024 }];
-        assert_eq!(r.kind(), &RequestKind::Read { sector: 9, data: want });
+        let want = vec![Segment {
+            addr: GuestAddress(0x4_0000),
+            len: 1024,
+        }];
+        assert_eq!(
+            r.kind(),
+            &RequestKind::Read {
+                sector: 9,
+                data: want
+            }
+        );
     }
 
     #[test]
@@ -762,10 +800,25 @@ mod tests {
             .chain(std::iter::once((0x3_0000, 1, W)))
             .collect();
         let e = parse(&mem, &five).unwrap_err();
-        assert!(matches!(e, RequestError::TooManySegments { segments: 5, max: 4 }), "{e}");
-        let e = parse(&mem, &[(0x1_0000, 16, 0), (0x2_0000, 8704, W), (0x3_0000, 1, W)])
-            .unwrap_err();
-        assert!(matches!(e, RequestError::SegmentTooLarge { len: 8704, .. }), "{e}");
+        assert!(
+            matches!(
+                e,
+                RequestError::TooManySegments {
+                    segments: 5,
+                    max: 4
+                }
+            ),
+            "{e}"
+        );
+        let e = parse(
+            &mem,
+            &[(0x1_0000, 16, 0), (0x2_0000, 8704, W), (0x3_0000, 1, W)],
+        )
+        .unwrap_err();
+        assert!(
+            matches!(e, RequestError::SegmentTooLarge { len: 8704, .. }),
+            "{e}"
+        );
         // Not negotiated, the same limits do not bind.
         let open = RequestLimits {
             seg_max: MAX_SEGMENTS,
@@ -778,9 +831,17 @@ mod tests {
     #[test]
     fn sector_ranges_are_checked_without_overflow() {
         let mem = memory();
-        for (sector, ok) in [(2046, true), (2047, false), (u64::MAX - 1, false), (u64::MAX, false)] {
+        for (sector, ok) in [
+            (2046, true),
+            (2047, false),
+            (u64::MAX - 1, false),
+            (u64::MAX, false),
+        ] {
             header(&mem, 0x1_0000, VIRTIO_BLK_T_IN, sector);
-            let r = parse(&mem, &[(0x1_0000, 16, 0), (0x2_0000, 1024, W), (0x3_0000, 1, W)]);
+            let r = parse(
+                &mem,
+                &[(0x1_0000, 16, 0), (0x2_0000, 1024, W), (0x3_0000, 1, W)],
+            );
             match r {
                 Ok(_) => assert!(ok, "sector {sector} accepted"),
                 Err(e) => {
@@ -802,23 +863,49 @@ mod tests {
                 range_at(&mem, 0x2_0000 + 16 * i as u64, s, n, f);
             }
             let len = 16 * ranges.len() as u32;
-            parse(&mem, &[(0x1_0000, 16, 0), (0x2_0000, len, 0), (0x3_0000, 1, W)])
+            parse(
+                &mem,
+                &[(0x1_0000, 16, 0), (0x2_0000, len, 0), (0x3_0000, 1, W)],
+            )
         };
         let r = run(VIRTIO_BLK_T_WRITE_ZEROES, &[(0, 8, unmap), (100, 64, 0)]).unwrap();
         let want = vec![
-            SectorRange { sector: 0, num_sectors: 8, unmap: true },
-            SectorRange { sector: 100, num_sectors: 64, unmap: false },
+            SectorRange {
+                sector: 0,
+                num_sectors: 8,
+                unmap: true,
+            },
+            SectorRange {
+                sector: 100,
+                num_sectors: 64,
+                unmap: false,
+            },
         ];
         assert_eq!(r.kind(), &RequestKind::WriteZeroes { ranges: want });
         let e = run(VIRTIO_BLK_T_DISCARD, &[(0, 8, unmap)]).unwrap_err();
-        assert!(matches!(e, RequestError::UnsupportedFlags { flags: 1, .. }), "{e}");
+        assert!(
+            matches!(e, RequestError::UnsupportedFlags { flags: 1, .. }),
+            "{e}"
+        );
         assert_eq!(e.status(), VIRTIO_BLK_S_UNSUPP as u8);
         let e = run(VIRTIO_BLK_T_WRITE_ZEROES, &[(0, 8, 4)]).unwrap_err();
         assert_eq!(e.status(), VIRTIO_BLK_S_UNSUPP as u8);
         let e = run(VIRTIO_BLK_T_DISCARD, &[(0, 1, 0), (1, 1, 0), (2, 1, 0)]).unwrap_err();
-        assert!(matches!(e, RequestError::TooManyRanges { count: 3, max: 2 }), "{e}");
+        assert!(
+            matches!(e, RequestError::TooManyRanges { count: 3, max: 2 }),
+            "{e}"
+        );
         let e = run(VIRTIO_BLK_T_DISCARD, &[(0, 65, 0)]).unwrap_err();
-        assert!(matches!(e, RequestError::RangeTooLarge { num_sectors: 65, .. }), "{e}");
+        assert!(
+            matches!(
+                e,
+                RequestError::RangeTooLarge {
+                    num_sectors: 65,
+                    ..
+                }
+            ),
+            "{e}"
+        );
         let e = run(VIRTIO_BLK_T_DISCARD, &[(2040, 9, 0)]).unwrap_err();
         assert!(matches!(e, RequestError::OutOfRange { .. }), "{e}");
         let e = run(VIRTIO_BLK_T_DISCARD, &[(u64::MAX, 1, 0)]).unwrap_err();
@@ -826,13 +913,23 @@ mod tests {
         let e = run(VIRTIO_BLK_T_DISCARD, &[]).unwrap_err();
         assert!(matches!(e, RequestError::BadRangePayload { len: 0 }), "{e}");
         header(&mem, 0x1_0000, VIRTIO_BLK_T_DISCARD, 0);
-        let e = parse(&mem, &[(0x1_0000, 16, 0), (0x2_0000, 20, 0), (0x3_0000, 1, W)]);
-        assert!(matches!(e, Err(RequestError::BadRangePayload { len: 20 })), "{e:?}");
+        let e = parse(
+            &mem,
+            &[(0x1_0000, 16, 0), (0x2_0000, 20, 0), (0x3_0000, 1, W)],
+        );
+        assert!(
+            matches!(e, Err(RequestError::BadRangePayload { len: 20 })),
+            "{e:?}"
+        );
         let none = RequestLimits {
             discard: None,
             ..LIMITS
         };
-        let e = parse_with(&mem, &[(0x1_0000, 16, 0), (0x2_0000, 16, 0), (0x3_0000, 1, W)], &none);
+        let e = parse_with(
+            &mem,
+            &[(0x1_0000, 16, 0), (0x2_0000, 16, 0), (0x3_0000, 1, W)],
+            &none,
+        );
         assert!(matches!(e, Err(RequestError::Unsupported { .. })), "{e:?}");
     }
 
@@ -846,16 +943,24 @@ mod tests {
                 matches!(e, RequestError::ShortHeader { readable: 0 })
             }),
             // A readable descriptor after a writable one.
-            (&[(0x1_0000, 16, 0), (0x2_0000, 8, W), (0x2_1000, 8, 0), (0x3_0000, 1, W)], |e| {
-                matches!(e, RequestError::ReadableAfterWritable { index: 2 })
-            }),
+            (
+                &[
+                    (0x1_0000, 16, 0),
+                    (0x2_0000, 8, W),
+                    (0x2_1000, 8, 0),
+                    (0x3_0000, 1, W),
+                ],
+                |e| matches!(e, RequestError::ReadableAfterWritable { index: 2 }),
+            ),
             // A flush with data either way.
-            (&[(0x1_0000, 16, 0), (0x2_0000, 512, 0), (0x3_0000, 1, W)], |e| {
-                matches!(e, RequestError::UnexpectedReadable { len: 512, .. })
-            }),
-            (&[(0x1_0000, 16, 0), (0x2_0000, 512, W), (0x3_0000, 1, W)], |e| {
-                matches!(e, RequestError::UnexpectedWritable { len: 512, .. })
-            }),
+            (
+                &[(0x1_0000, 16, 0), (0x2_0000, 512, 0), (0x3_0000, 1, W)],
+                |e| matches!(e, RequestError::UnexpectedReadable { len: 512, .. }),
+            ),
+            (
+                &[(0x1_0000, 16, 0), (0x2_0000, 512, W), (0x3_0000, 1, W)],
+                |e| matches!(e, RequestError::UnexpectedWritable { len: 512, .. }),
+            ),
             // A header that runs out of guest memory.
             (&[(0x20_0000 - 8, 16, 0), (0x3_0000, 1, W)], |e| {
                 matches!(e, RequestError::GuestMemory { .. })
@@ -875,7 +980,10 @@ mod tests {
         let e = parse(&mem, &[(0x1_0000, 16, 0)]).unwrap_err();
         assert!(matches!(e, RequestError::NoStatus), "{e}");
         let e = parse(&mem, &[(0x1_0000, 16, 0), (0x20_0000, 1, W)]).unwrap_err();
-        assert!(matches!(e, RequestError::StatusOutOfMemory { addr: 0x20_0000 }), "{e}");
+        assert!(
+            matches!(e, RequestError::StatusOutOfMemory { addr: 0x20_0000 }),
+            "{e}"
+        );
         let e = parse(&mem, &[(0x1_0000, 16, 0), (u64::MAX, 2, W)]).unwrap_err();
         assert!(matches!(e, RequestError::StatusOutOfMemory { .. }), "{e}");
     }
@@ -891,9 +999,15 @@ mod tests {
             RawDescriptor::from(SplitDescriptor::new(0x3_0000, 1, next | W, 1)),
         ];
         let chain = q.build_multiple_desc_chains(&raw).unwrap();
-        assert_eq!(locate_status(chain.clone(), &mem), Some(GuestAddress(0x3_0000)));
+        assert_eq!(
+            locate_status(chain.clone(), &mem),
+            Some(GuestAddress(0x3_0000))
+        );
         let e = BlkRequest::parse(chain, &mem, &LIMITS).unwrap_err();
-        assert!(matches!(e, RequestError::BrokenChain { descriptors: 16 }), "{e}");
+        assert!(
+            matches!(e, RequestError::BrokenChain { descriptors: 16 }),
+            "{e}"
+        );
     }
 
     #[test]
@@ -904,13 +1018,26 @@ mod tests {
             ..LIMITS
         };
         header(&mem, 0x1_0000, VIRTIO_BLK_T_OUT, 0);
-        let e = parse_with(&mem, &[(0x1_0000, 16, 0), (0x2_0000, 512, 0), (0x3_0000, 1, W)], &ro);
+        let e = parse_with(
+            &mem,
+            &[(0x1_0000, 16, 0), (0x2_0000, 512, 0), (0x3_0000, 1, W)],
+            &ro,
+        );
         assert!(matches!(e, Err(RequestError::ReadOnly { .. })), "{e:?}");
         header(&mem, 0x1_0000, VIRTIO_BLK_T_GET_ID, 0);
-        let e = parse(&mem, &[(0x1_0000, 16, 0), (0x2_0000, 19, W), (0x3_0000, 1, W)]);
-        assert!(matches!(e, Err(RequestError::GetIdBufferTooSmall { len: 19 })), "{e:?}");
+        let e = parse(
+            &mem,
+            &[(0x1_0000, 16, 0), (0x2_0000, 19, W), (0x3_0000, 1, W)],
+        );
+        assert!(
+            matches!(e, Err(RequestError::GetIdBufferTooSmall { len: 19 })),
+            "{e:?}"
+        );
         let r = parse(&mem, &[(0x1_0000, 16, 0), (0x2_0000, 21, W)]).unwrap();
-        let want = vec![Segment { addr: GuestAddress(0x2_0000), len: 20 }];
+        let want = vec![Segment {
+            addr: GuestAddress(0x2_0000),
+            len: 20,
+        }];
         assert_eq!(r.kind(), &RequestKind::GetId { data: want });
     }
 }

@@ -199,7 +199,10 @@ mod tests {
         );
         let mut long = blob.clone();
         long.push(0);
-        assert!(matches!(BlkState::decode(&long), Err(StateError::Length { .. })));
+        assert!(matches!(
+            BlkState::decode(&long),
+            Err(StateError::Length { .. })
+        ));
         for i in 0..LEN {
             let mut bad = blob.clone();
             bad[i] ^= 0x10;
@@ -207,7 +210,10 @@ mod tests {
         }
         let mut bad = blob.clone();
         bad[0] = b'X';
-        assert!(matches!(BlkState::decode(&bad), Err(StateError::Magic { .. })));
+        assert!(matches!(
+            BlkState::decode(&bad),
+            Err(StateError::Magic { .. })
+        ));
     }
 
     #[test]

@@ -93,7 +93,9 @@ impl<'m> Driver<'m> {
             device,
             interrupt: Arc::new(CountingInterrupt::default()),
             queues,
-            kicks: (0..n).map(|_| EventFd::new(EFD_NONBLOCK).unwrap()).collect(),
+            kicks: (0..n)
+                .map(|_| EventFd::new(EFD_NONBLOCK).unwrap())
+                .collect(),
             next_desc: vec![0; n],
             used_seen: vec![0; n],
             heap: HEAP,
@@ -134,7 +136,9 @@ impl<'m> Driver<'m> {
         let addr = GuestAddress(self.heap);
         self.heap += u64::from(len).div_ceil(512).max(1) * 512;
         assert!(self.heap <= MEM_SIZE as u64, "test guest memory exhausted");
-        self.mem.write_slice(&vec![fill; len as usize], addr).unwrap();
+        self.mem
+            .write_slice(&vec![fill; len as usize], addr)
+            .unwrap();
         addr
     }
 
@@ -180,7 +184,11 @@ impl<'m> Driver<'m> {
             .enumerate()
             .map(|(i, &(addr, len, writable))| {
                 let last = i + 1 == descs.len();
-                let mut flags = if writable { VRING_DESC_F_WRITE as u16 } else { 0 };
+                let mut flags = if writable {
+                    VRING_DESC_F_WRITE as u16
+                } else {
+                    0
+                };
                 if !last {
                     flags |= virtio_bindings::bindings::virtio_ring::VRING_DESC_F_NEXT as u16;
                 }
@@ -286,7 +294,9 @@ pub fn file_device(file: &TempFile, engine: EngineKind) -> Blk {
 }
 
 pub fn pattern(len: usize, seed: u8) -> Vec<u8> {
-    (0..len).map(|i| (i as u8).wrapping_mul(31) ^ seed).collect()
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(31) ^ seed)
+        .collect()
 }
 
 /// Writes `data` at `sector` (split over two descriptors) and returns the status.

@@ -59,7 +59,11 @@ pub(crate) fn open(path: &Path, read_only: bool, direct: bool) -> Result<Backing
         // SAFETY: BLKSSZGET writes one int to `logical`, which lives for the whole call. The
         // result is checked.
         let ret = unsafe { ioctl_with_mut_ref(&file, libc::BLKSSZGET as _, &mut logical) };
-        let logical = if ret < 0 { 512 } else { logical.max(512) as usize };
+        let logical = if ret < 0 {
+            512
+        } else {
+            logical.max(512) as usize
+        };
         (size, logical)
     } else if ft.is_file() {
         // Most file systems accept 512-byte aligned direct I/O; one that needs more fails those

@@ -256,7 +256,10 @@ mod tests {
         r.finish().unwrap();
         let mut back = [1u8; 512];
         mem.read_slice(&mut back, GuestAddress(0x101)).unwrap();
-        assert_eq!(back, [0u8; 512], "the read's (zeroed) bounce buffer reached the guest");
+        assert_eq!(
+            back, [0u8; 512],
+            "the read's (zeroed) bounce buffer reached the guest"
+        );
     }
 
     #[test]

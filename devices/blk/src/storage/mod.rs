@@ -295,12 +295,19 @@ mod tests {
             assert_eq!(write(&mut d, 5, &data), (OK, 1), "{engine:?}");
             let mut on_disk = vec![0u8; data.len()];
             file.as_file().read_exact_at(&mut on_disk, 5 * 512).unwrap();
-            assert_eq!(on_disk, data, "{engine:?}: the file holds what the guest wrote");
+            assert_eq!(
+                on_disk, data,
+                "{engine:?}: the file holds what the guest wrote"
+            );
             let (status, used, back) = read(&mut d, 5, 3 * 512);
             assert_eq!((status, used), (OK, 3 * 512 + 1), "{engine:?}");
             assert_eq!(back, data, "{engine:?}");
             let (_, _, before) = read(&mut d, 4, 512);
-            assert_eq!(before, vec![0xaa; 512], "{engine:?}: the sector before is untouched");
+            assert_eq!(
+                before,
+                vec![0xaa; 512],
+                "{engine:?}: the sector before is untouched"
+            );
             // The last sector of the disk is readable, the one after it is not.
             let last = (DISK / 512 - 1) as u64;
             assert_eq!(read(&mut d, last, 512).0, OK, "{engine:?}");
@@ -315,7 +322,11 @@ mod tests {
             let mem = memory();
             let mut d = Driver::new(&mem, file_device(&file, engine));
             d.activate();
-            assert_eq!(command(&mut d, VIRTIO_BLK_T_FLUSH, &[]), (OK, 1), "{engine:?}");
+            assert_eq!(
+                command(&mut d, VIRTIO_BLK_T_FLUSH, &[]),
+                (OK, 1),
+                "{engine:?}"
+            );
             // Write zeroes over two ranges, one of which may be unmapped.
             let unmap = VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP;
             let mut ranges = range(8, 8, 0);
@@ -327,8 +338,14 @@ mod tests {
             );
             let mut disk = vec![0u8; DISK];
             file.as_file().read_exact_at(&mut disk, 0).unwrap();
-            assert!(disk[8 * 512..16 * 512].iter().all(|&b| b == 0), "{engine:?}");
-            assert!(disk[100 * 512..116 * 512].iter().all(|&b| b == 0), "{engine:?}");
+            assert!(
+                disk[8 * 512..16 * 512].iter().all(|&b| b == 0),
+                "{engine:?}"
+            );
+            assert!(
+                disk[100 * 512..116 * 512].iter().all(|&b| b == 0),
+                "{engine:?}"
+            );
             assert_eq!(disk[7 * 512..8 * 512], [0xaa; 512], "{engine:?}");
             assert_eq!(disk[16 * 512..17 * 512], [0xaa; 512], "{engine:?}");
             assert_eq!(read(&mut d, 100, 1024).2, vec![0; 1024], "{engine:?}");
@@ -341,7 +358,10 @@ mod tests {
             file.as_file().read_exact_at(&mut disk, 0).unwrap();
             assert_eq!(disk[255 * 512..256 * 512], [0xaa; 512], "{engine:?}");
             assert_eq!(disk[512 * 512..513 * 512], [0xaa; 512], "{engine:?}");
-            assert!(disk[256 * 512..512 * 512].iter().all(|&b| b == 0), "{engine:?}");
+            assert!(
+                disk[256 * 512..512 * 512].iter().all(|&b| b == 0),
+                "{engine:?}"
+            );
         }
     }
 
@@ -371,7 +391,10 @@ mod tests {
         config.direct = true;
         let blk = match Blk::new(config) {
             Ok(b) => b,
-            Err(e) => panic!("O_DIRECT on {} is needed for this test: {e}", file.as_path().display()),
+            Err(e) => panic!(
+                "O_DIRECT on {} is needed for this test: {e}",
+                file.as_path().display()
+            ),
         };
         let mem = memory();
         let mut d = Driver::new(&mem, blk);
@@ -383,7 +406,10 @@ mod tests {
         let buf = GuestAddress(d.alloc(8192, 0).0.next_multiple_of(4096));
         d.mem.write_slice(&data, buf).unwrap();
         let s = d.status();
-        assert_eq!(d.run(&[(h, 16, false), (buf, 4096, false), (s, 1, true)]), 1);
+        assert_eq!(
+            d.run(&[(h, 16, false), (buf, 4096, false), (s, 1, true)]),
+            1
+        );
         assert_eq!(d.byte(s), OK);
         let (status, _, back) = read(&mut d, 8, 4096);
         assert_eq!((status, back), (OK, data.clone()));

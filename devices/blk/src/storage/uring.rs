@@ -264,11 +264,7 @@ impl UringEngine {
     /// Takes every completion the kernel has posted.
     fn drain_cq(&mut self) -> bool {
         let mut cqes = std::mem::take(&mut self.cqes);
-        cqes.extend(
-            self.ring
-                .completion()
-                .map(|c| (c.user_data(), c.result())),
-        );
+        cqes.extend(self.ring.completion().map(|c| (c.user_data(), c.result())));
         let any = !cqes.is_empty();
         for &(id, res) in &cqes {
             self.in_kernel = self.in_kernel.saturating_sub(1);
@@ -303,8 +299,7 @@ impl Engine for UringEngine {
                 self.slots.len() - 1
             }
         };
-        let discard_unsupported =
-            matches!(slot.op, Op::Discard { .. }) && !self.support.punch_hole;
+        let discard_unsupported = matches!(slot.op, Op::Discard { .. }) && !self.support.punch_hole;
         self.slots[id] = Some(slot);
         if discard_unsupported {
             self.finish(id, Ok(()));
