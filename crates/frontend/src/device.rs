@@ -63,6 +63,15 @@ pub enum SessionError {
     /// No queue with this index was set up.
     #[error("queue {0} does not exist")]
     NoQueue(u16),
+    /// After a reconnect the backend acked different features than before, so the existing
+    /// rings (laid out for the old features) cannot be reused.
+    #[error("features changed across reconnect: {before:#x} before, {after:#x} now")]
+    FeaturesChanged {
+        /// Features acked on the previous connection.
+        before: u64,
+        /// Features acked now.
+        after: u64,
+    },
 }
 
 const ACKNOWLEDGE: u8 = VIRTIO_CONFIG_S_ACKNOWLEDGE as u8;
@@ -587,7 +596,12 @@ impl Session {
         self.backend = None;
         self.conn = self.opts.open()?;
         self.started.fill(false);
+        let before = self.negotiated.features_acked;
         self.handshake()?;
+        let after = self.negotiated.features_acked;
+        if after != before {
+            return Err(SessionError::FeaturesChanged { before, after });
+        }
         for i in self.queue_indices() {
             let base = self.vring(i)?.published_avail_idx();
             self.start_queue(i, base)?;

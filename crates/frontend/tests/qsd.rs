@@ -646,14 +646,20 @@ fn bench_qsd_null_co_random_4k() {
     let dur = Duration::from_secs(3);
     eprintln!("QSD null-co, 4 KiB random, 1 queue, busy-poll (pinned: {pinned})");
     for (qd, write) in [(1, false), (1, true), (32, false), (32, true)] {
+        let before = blk.queue(0).driver_queue().stats();
         let (iops, p50, p99, max) = run_qd(&mut blk, qd, write, dur);
+        let after = blk.queue(0).driver_queue().stats();
         let us = |d: Duration| d.as_secs_f64() * 1e6;
         eprintln!(
-            "  QD{qd:<2} {}: {iops:>8.0} IOPS  p50 {:>6.1} us  p99 {:>6.1} us  max {:>8.1} us",
+            "  QD{qd:<2} {}: {iops:>8.0} IOPS  p50 {:>6.1} us  p99 {:>6.1} us  max {:>8.1} us  \
+             kicks/req {:.3}  idle polls/req {:.0}",
             if write { "write" } else { "read " },
             us(p50),
             us(p99),
-            us(max)
+            us(max),
+            (after.kicks - before.kicks) as f64 / (after.completions - before.completions) as f64,
+            (after.empty_polls - before.empty_polls) as f64
+                / (after.completions - before.completions) as f64
         );
     }
 }

@@ -674,6 +674,7 @@ impl DriverQueue {
             if n > 0 {
                 return Ok(n);
             }
+            self.stats.empty_polls += 1;
             spins = spins.wrapping_add(1);
             if spins & 1023 == 0 && start.elapsed() >= timeout {
                 return Err(self.timeout(start.elapsed()));

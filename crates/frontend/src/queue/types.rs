@@ -106,7 +106,7 @@ pub enum RingAddressing {
     GuestPhysical,
 }
 
-/// Parameters of a [`DriverQueue`].
+/// Parameters of a [`DriverQueue`](super::DriverQueue).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct QueueConfig {
     /// Number of descriptors (power of two, at most 32768).
@@ -152,10 +152,13 @@ pub struct QueueStats {
     pub completions: u64,
     /// Sleeps on the call eventfd.
     pub interrupt_waits: u64,
+    /// Busy-poll iterations that found the used ring empty (time spent waiting for the
+    /// device rather than working).
+    pub empty_polls: u64,
 }
 
 /// What SET_VRING_* needs to (re)start a queue on a backend, independent of who owns the
-/// [`DriverQueue`].
+/// [`DriverQueue`](super::DriverQueue).
 #[derive(Debug)]
 pub struct VringSetup {
     /// Queue index.
