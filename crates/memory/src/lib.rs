@@ -16,6 +16,8 @@
 //! place that type is named.
 #![forbid(unsafe_code)]
 
+pub mod dirty;
+
 use std::fs::File;
 use std::sync::Arc;
 

@@ -1,0 +1,253 @@
+//! Dirty-page logging into the frontend's log (vhost-user LOG_SHMFD).
+//!
+//! The frontend shares a bitmap with one bit per 4 KiB page of guest-physical space
+//! (`log[page / 8] |= 1 << (page % 8)`). While logging is on, every byte the device writes into
+//! guest memory must set its page's bit before the write can be seen as done, or a migration
+//! misses it.
+//!
+//! The log lives inside the memory type: each mapped region carries a [`RegionDirty`] bitmap (a
+//! vm-memory `Bitmap`) that knows its region's GPA and shares one [`LogSlot`] with the whole
+//! table. vm-memory calls it on every write through its API, so a device cannot forget to log;
+//! writes that bypass vm-memory (the kernel filling guest buffers for io_uring) are marked
+//! through the same bitmap by the code that submits them. With no log attached, marking costs one
+//! atomic load.
+
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::Arc;
+
+use arc_swap::ArcSwapOption;
+use vm_memory::bitmap::{Bitmap, NewBitmap, RefSlice, WithBitmapSlice};
+use vm_memory::{FileOffset, MmapRegion, VolatileMemory};
+
+use crate::MemoryError;
+
+/// The page size the vhost-user log counts in.
+pub const LOG_PAGE_SIZE: u64 = 0x1000;
+
+/// The frontend's dirty bitmap, mapped in this process.
+#[derive(Debug)]
+pub struct DirtyLog {
+    map: MmapRegion<()>,
+}
+
+impl DirtyLog {
+    /// Maps `size` bytes of `file` at `offset` as the log.
+    pub fn new(file: std::fs::File, offset: u64, size: u64) -> Result<Self, MemoryError> {
+        let len = usize::try_from(size).map_err(|_| MemoryError::Overflow { gpa: 0, size })?;
+        if len == 0 {
+            return Err(MemoryError::EmptyRegion { gpa: 0 });
+        }
+        let meta = file
+            .metadata()
+            .map_err(|source| MemoryError::Stat { gpa: 0, source })?;
+        let needed = offset
+            .checked_add(size)
+            .ok_or(MemoryError::Overflow { gpa: 0, size })?;
+        if meta.file_type().is_file() && meta.len() < needed {
+            return Err(MemoryError::BeyondFile {
+                gpa: 0,
+                needed,
+                file_size: meta.len(),
+            });
+        }
+        let map = MmapRegion::from_file(FileOffset::new(file, offset), len).map_err(|source| {
+            MemoryError::Map {
+                gpa: 0,
+                size,
+                source,
+            }
+        })?;
+        Ok(DirtyLog { map })
+    }
+
+    /// The number of bytes in the log.
+    pub fn len(&self) -> usize {
+        self.map.size()
+    }
+
+    /// Whether the log has no bytes (never true for a mapped log).
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Marks the pages of `[gpa, gpa + len)` dirty. Pages past the end of the log are not
+    /// tracked (the frontend sizes the log to cover all of guest memory).
+    pub fn mark(&self, gpa: u64, len: u64) {
+        if len == 0 {
+            return;
+        }
+        let first = gpa / LOG_PAGE_SIZE;
+        let last = gpa.saturating_add(len - 1) / LOG_PAGE_SIZE;
+        let pages = (self.len() as u64) * 8;
+        if first >= pages {
+            return;
+        }
+        let last = last.min(pages - 1);
+        let slice = self.map.as_volatile_slice();
+        let mut page = first;
+        while page <= last {
+            let word = page / 64;
+            let bit = page % 64;
+            let span = (64 - bit).min(last - page + 1);
+            let mask = if span == 64 {
+                u64::MAX
+            } else {
+                ((1u64 << span) - 1) << bit
+            };
+            let offset = (word * 8) as usize;
+            match slice.get_atomic_ref::<AtomicU64>(offset) {
+                Ok(w) => {
+                    // The log is little-endian bit order within bytes; so is a u64 on the
+                    // little-endian hosts vhost-user runs on.
+                    w.fetch_or(mask.to_le(), Ordering::SeqCst);
+                }
+                Err(_) => self.mark_bytes(page, span),
+            }
+            page += span;
+        }
+    }
+
+    /// The slow path for the log's last bytes when its size is not a multiple of 8.
+    fn mark_bytes(&self, first: u64, count: u64) {
+        let slice = self.map.as_volatile_slice();
+        for page in first..first + count {
+            if let Ok(b) = slice.get_atomic_ref::<AtomicU8>((page / 8) as usize) {
+                b.fetch_or(1 << (page % 8), Ordering::SeqCst);
+            }
+        }
+    }
+
+    /// Whether the page holding `gpa` is marked.
+    pub fn is_dirty(&self, gpa: u64) -> bool {
+        let page = gpa / LOG_PAGE_SIZE;
+        self.map
+            .as_volatile_slice()
+            .get_atomic_ref::<AtomicU8>((page / 8) as usize)
+            .map(|b| b.load(Ordering::SeqCst) & (1 << (page % 8)) != 0)
+            .unwrap_or(false)
+    }
+}
+
+/// Where the current log (if any) is found; one per memory table, shared by its regions.
+pub type LogSlot = ArcSwapOption<DirtyLog>;
+
+#[derive(Debug)]
+struct RegionLog {
+    gpa: u64,
+    slot: Arc<LogSlot>,
+}
+
+/// The vm-memory bitmap of one region: it forwards marks to the table's log, translated to GPAs.
+#[derive(Debug, Default)]
+pub struct RegionDirty {
+    log: Option<RegionLog>,
+}
+
+impl RegionDirty {
+    /// The bitmap of a region that starts at `gpa` and logs into `slot`.
+    pub fn new(gpa: u64, slot: Arc<LogSlot>) -> Self {
+        RegionDirty {
+            log: Some(RegionLog { gpa, slot }),
+        }
+    }
+}
+
+impl<'a> WithBitmapSlice<'a> for RegionDirty {
+    type S = RefSlice<'a, RegionDirty>;
+}
+
+impl Bitmap for RegionDirty {
+    fn mark_dirty(&self, offset: usize, len: usize) {
+        if let Some(rl) = &self.log {
+            if let Some(log) = rl.slot.load().as_ref() {
+                log.mark(rl.gpa.wrapping_add(offset as u64), len as u64);
+            }
+        }
+    }
+
+    fn dirty_at(&self, offset: usize) -> bool {
+        match &self.log {
+            Some(rl) => rl
+                .slot
+                .load()
+                .as_ref()
+                .is_some_and(|log| log.is_dirty(rl.gpa.wrapping_add(offset as u64))),
+            None => false,
+        }
+    }
+
+    fn slice_at(&self, offset: usize) -> RefSlice<'_, RegionDirty> {
+        RefSlice::new(self, offset)
+    }
+}
+
+impl NewBitmap for RegionDirty {
+    fn with_len(_len: usize) -> Self {
+        RegionDirty::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nix::sys::memfd::{memfd_create, MFdFlags};
+
+    fn log(bytes: u64) -> (DirtyLog, MmapRegion<()>) {
+        let fd = memfd_create("log", MFdFlags::MFD_CLOEXEC).unwrap();
+        let file = std::fs::File::from(fd);
+        file.set_len(bytes).unwrap();
+        let view = MmapRegion::from_file(
+            FileOffset::new(file.try_clone().unwrap(), 0),
+            bytes as usize,
+        )
+        .unwrap();
+        (DirtyLog::new(file, 0, bytes).unwrap(), view)
+    }
+
+    fn byte(view: &MmapRegion<()>, i: usize) -> u8 {
+        view.as_volatile_slice()
+            .get_atomic_ref::<AtomicU8>(i)
+            .unwrap()
+            .load(Ordering::SeqCst)
+    }
+
+    #[test]
+    fn marks_follow_the_spec_bit_layout() {
+        let (log, view) = log(16);
+        // Page 0 and page 9 (bit 1 of byte 1).
+        log.mark(0, 1);
+        log.mark(9 * LOG_PAGE_SIZE + 5, 10);
+        assert_eq!(byte(&view, 0), 0b1);
+        assert_eq!(byte(&view, 1), 0b10);
+        // A range across a word boundary: pages 62..=66.
+        log.mark(62 * LOG_PAGE_SIZE, 5 * LOG_PAGE_SIZE);
+        assert_eq!(byte(&view, 7), 0b1100_0000);
+        assert_eq!(byte(&view, 8), 0b0000_0111);
+        assert!(log.is_dirty(66 * LOG_PAGE_SIZE));
+        assert!(!log.is_dirty(67 * LOG_PAGE_SIZE));
+    }
+
+    #[test]
+    fn marks_past_the_end_and_odd_sizes_are_safe() {
+        let (log, view) = log(3);
+        log.mark(20 * LOG_PAGE_SIZE, 100 * LOG_PAGE_SIZE);
+        assert_eq!(byte(&view, 2), 0b1111_0000);
+        log.mark(u64::MAX - 10, 100);
+        log.mark(0, 0);
+        assert_eq!(byte(&view, 0), 0);
+    }
+
+    #[test]
+    fn region_bitmap_logs_at_its_gpa_only_while_a_log_is_attached() {
+        let (dl, view) = log(8);
+        let slot = Arc::new(LogSlot::empty());
+        let region = RegionDirty::new(0x10000, slot.clone());
+        region.mark_dirty(0x10, 1);
+        assert_eq!(byte(&view, 2), 0, "no log attached yet");
+        slot.store(Some(Arc::new(dl)));
+        region.slice_at(0x1000).mark_dirty(0, 1);
+        // GPA 0x11000 is page 17: byte 2, bit 1.
+        assert_eq!(byte(&view, 2), 0b10);
+        assert!(region.dirty_at(0x1000));
+    }
+}
