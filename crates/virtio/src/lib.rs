@@ -18,6 +18,7 @@ pub mod features;
 mod framework;
 pub mod interrupt;
 pub mod queue;
+pub mod state;
 pub mod status;
 pub mod worker;
 
