@@ -412,7 +412,7 @@ pub(crate) struct CacheMode {
 }
 
 impl CacheMode {
-    /// From the acknowledged features (VIRTIO 1.2, 5.2.6.3): without FLUSH the driver cannot
+    /// From the acknowledged features (VIRTIO 1.2, section 5.2.6): without FLUSH the driver cannot
     /// flush, so every write must be durable before it completes; with FLUSH but without
     /// CONFIG_WCE the device is writeback; with both, the `writeback` field decides.
     pub fn new(acked: u64, writeback: Arc<AtomicBool>) -> Self {

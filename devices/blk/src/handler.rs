@@ -427,7 +427,6 @@ impl Drop for BlkHandler {
 mod tests {
     use std::os::unix::fs::FileExt;
     use std::sync::atomic::Ordering;
-    use std::time::Duration;
 
     use outboard_virtio::VirtioDevice;
     use virtio_bindings::bindings::virtio_ring::{
@@ -695,81 +694,6 @@ mod tests {
     }
 
     #[test]
-    fn every_queue_is_served_with_fewer_threads_than_queues() {
-        let file = temp_file(DISK, 0);
-        let mut config = BlkConfig::file(file.as_path());
-        config.num_queues = 4;
-        config.threads = std::num::NonZeroUsize::new(2);
-        config.poll = Duration::from_millis(20);
-        let mem = memory();
-        let mut d = Driver::new(&mem, Blk::new(config).unwrap());
-        d.activate();
-        let mut statuses = Vec::new();
-        for q in 0..4 {
-            for i in 0..8u64 {
-                let sector = q as u64 * 64 + i * 8;
-                let h = d.header(VIRTIO_BLK_T_OUT, sector);
-                let buf = d.alloc(4096, q as u8 * 16 + i as u8);
-                let s = d.status();
-                d.push(q, &[(h, 16, false), (buf, 4096, false), (s, 1, true)]);
-                statuses.push(s);
-            }
-            d.kick(q);
-        }
-        for q in 0..4 {
-            assert_eq!(d.wait_used(q, 8).len(), 8);
-        }
-        assert!(statuses.iter().all(|&s| d.byte(s) == OK));
-        for q in 0..4u64 {
-            for i in 0..8u64 {
-                let mut block = vec![0u8; 4096];
-                file.as_file()
-                    .read_exact_at(&mut block, (q * 64 + i * 8) * 512)
-                    .unwrap();
-                assert_eq!(
-                    block,
-                    vec![q as u8 * 16 + i as u8; 4096],
-                    "queue {q} request {i}"
-                );
-            }
-        }
-    }
-
-    #[test]
-    fn quiesce_publishes_every_request_in_flight() {
-        let file = temp_file(DISK, 0);
-        let mem = memory();
-        let mut d = Driver::new(&mem, file_device(&file, EngineKind::Uring));
-        d.activate();
-        let mut statuses = Vec::new();
-        for i in 0..64u64 {
-            let h = d.header(VIRTIO_BLK_T_OUT, i * 8);
-            let buf = d.alloc(4096, i as u8);
-            let s = d.status();
-            d.push(0, &[(h, 16, false), (buf, 4096, false), (s, 1, true)]);
-            statuses.push(s);
-        }
-        d.kick(0);
-        // Stop the worker at once: whatever it took must be complete when quiesce returns.
-        let queues = d.device.quiesce();
-        assert_eq!(queues.len(), 1);
-        let taken = virtio_queue::QueueT::next_avail(queues[0].queue());
-        assert_eq!(d.wait_used(0, taken).len(), usize::from(taken));
-        assert!(statuses[..usize::from(taken)]
-            .iter()
-            .all(|&s| d.byte(s) == OK));
-        assert!(statuses[usize::from(taken)..]
-            .iter()
-            .all(|&s| d.byte(s) == UNWRITTEN));
-        // Activated again with the same queues, the device serves the rest.
-        let features = d.all_features();
-        d.activate_queues(features, queues);
-        d.kick(0);
-        d.wait_used(0, 64 - taken);
-        assert!(statuses.iter().all(|&s| d.byte(s) == OK));
-    }
-
-    #[test]
     fn drain_waits_for_io_uring_requests_and_publishes_them() {
         let file = temp_file(DISK, 0x11);
         let mem = memory();
@@ -812,5 +736,22 @@ mod tests {
         drop(handler);
         let engine = slot.lock().unwrap().take();
         assert_eq!(engine.map(|e| e.name()), Some("io_uring"));
+    }
+
+    #[test]
+    fn an_out_of_range_head_stops_the_queue_and_asks_for_a_reset() {
+        let mem = memory();
+        let mut d = Driver::new(&mem, Blk::new(BlkConfig::null(DISK as u64)).unwrap());
+        d.activate();
+        assert_eq!(command(&mut d, VIRTIO_BLK_T_FLUSH, &[]), (OK, 1));
+        d.push_head(0, QUEUE_SIZE + 3);
+        d.kick(0);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while d.interrupt.needs_reset.load(Ordering::SeqCst) == 0 {
+            assert!(std::time::Instant::now() < deadline, "no reset requested");
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        // The worker is still alive and gives the queue back.
+        assert_eq!(d.device.quiesce().len(), 1);
     }
 }

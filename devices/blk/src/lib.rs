@@ -38,7 +38,7 @@ pub use request::{
     locate_status, BlkRequest, RangeLimit, RequestError, RequestKind, RequestLimits, SectorRange,
     Segment, SECTOR_SIZE,
 };
-pub use state::{BlkState, StateError};
+pub use state::BlkState;
 
 use config::{CacheMode, ConfigSpace, DeviceSpec, WRITEBACK_OFFSET};
 use handler::{BlkHandler, EngineSlot, Shared};
@@ -200,7 +200,7 @@ impl VirtioDevice for Blk {
 
     fn ack_features(&mut self, features: u64) {
         self.acked = features;
-        // VIRTIO 1.2, 5.2.5.1: CONFIG_WCE without FLUSH starts in writethrough.
+        // VIRTIO 1.2, section 5.2.5: with CONFIG_WCE but not FLUSH, writeback starts at 0.
         if features & bit(VIRTIO_BLK_F_CONFIG_WCE) != 0 && features & bit(VIRTIO_BLK_F_FLUSH) == 0 {
             self.writeback.store(false, Ordering::Release);
         }
@@ -311,7 +311,7 @@ impl VirtioDevice for Blk {
     }
 
     fn load_state(&mut self, blob: &[u8]) -> Result<(), DeviceError> {
-        let refused = |e: StateError| DeviceError::State {
+        let refused = |e: outboard_virtio::state::StateError| DeviceError::State {
             reason: e.to_string(),
         };
         let saved = BlkState::decode(blob).map_err(refused)?;
@@ -323,6 +323,9 @@ impl VirtioDevice for Blk {
 
 #[cfg(test)]
 mod tests {
+    use std::os::unix::fs::FileExt;
+    use std::time::Duration;
+
     use outboard_virtio::features::VIRTIO_F_VERSION_1;
     use virtio_bindings::virtio_blk::*;
 
@@ -456,8 +459,11 @@ mod tests {
         refused(read_only, &saved);
         refused(BlkConfig::null(1 << 20), &saved[..saved.len() - 1]);
         let mut corrupt = saved.clone();
-        corrupt[6] ^= 1;
+        corrupt[6] = 7;
         refused(BlkConfig::null(1 << 20), &corrupt);
+        let mut long = saved.clone();
+        long.push(0);
+        refused(BlkConfig::null(1 << 20), &long);
         refused(BlkConfig::null(1 << 20), &[]);
     }
 
@@ -517,5 +523,80 @@ mod tests {
             "the engines came back"
         );
         assert!(d.device.quiesce().is_empty());
+    }
+
+    #[test]
+    fn every_queue_is_served_with_fewer_threads_than_queues() {
+        let file = temp_file(DISK, 0);
+        let mut config = BlkConfig::file(file.as_path());
+        config.num_queues = 4;
+        config.threads = std::num::NonZeroUsize::new(2);
+        config.poll = Duration::from_millis(20);
+        let mem = memory();
+        let mut d = Driver::new(&mem, Blk::new(config).unwrap());
+        d.activate();
+        let mut statuses = Vec::new();
+        for q in 0..4 {
+            for i in 0..8u64 {
+                let sector = q as u64 * 64 + i * 8;
+                let h = d.header(VIRTIO_BLK_T_OUT, sector);
+                let buf = d.alloc(4096, q as u8 * 16 + i as u8);
+                let s = d.status();
+                d.push(q, &[(h, 16, false), (buf, 4096, false), (s, 1, true)]);
+                statuses.push(s);
+            }
+            d.kick(q);
+        }
+        for q in 0..4 {
+            assert_eq!(d.wait_used(q, 8).len(), 8);
+        }
+        assert!(statuses.iter().all(|&s| d.byte(s) == OK));
+        for q in 0..4u64 {
+            for i in 0..8u64 {
+                let mut block = vec![0u8; 4096];
+                file.as_file()
+                    .read_exact_at(&mut block, (q * 64 + i * 8) * 512)
+                    .unwrap();
+                assert_eq!(
+                    block,
+                    vec![q as u8 * 16 + i as u8; 4096],
+                    "queue {q} request {i}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn quiesce_publishes_every_request_in_flight() {
+        let file = temp_file(DISK, 0);
+        let mem = memory();
+        let mut d = Driver::new(&mem, file_device(&file, EngineKind::Uring));
+        d.activate();
+        let mut statuses = Vec::new();
+        for i in 0..64u64 {
+            let h = d.header(VIRTIO_BLK_T_OUT, i * 8);
+            let buf = d.alloc(4096, i as u8);
+            let s = d.status();
+            d.push(0, &[(h, 16, false), (buf, 4096, false), (s, 1, true)]);
+            statuses.push(s);
+        }
+        d.kick(0);
+        // Stop the worker at once: whatever it took must be complete when quiesce returns.
+        let queues = d.device.quiesce();
+        assert_eq!(queues.len(), 1);
+        let taken = virtio_queue::QueueT::next_avail(queues[0].queue());
+        assert_eq!(d.wait_used(0, taken).len(), usize::from(taken));
+        assert!(statuses[..usize::from(taken)]
+            .iter()
+            .all(|&s| d.byte(s) == OK));
+        assert!(statuses[usize::from(taken)..]
+            .iter()
+            .all(|&s| d.byte(s) == UNWRITTEN));
+        // Activated again with the same queues, the device serves the rest.
+        let features = d.all_features();
+        d.activate_queues(features, queues);
+        d.kick(0);
+        d.wait_used(0, 64 - taken);
+        assert!(statuses.iter().all(|&s| d.byte(s) == OK));
     }
 }

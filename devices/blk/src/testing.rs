@@ -214,6 +214,15 @@ impl<'m> Driver<'m> {
         self.queues[q].used().idx().load()
     }
 
+    /// Makes `head` available on queue `q` as it is, even if no such descriptor exists.
+    pub fn push_head(&mut self, q: usize, head: u16) {
+        let avail = self.queues[q].avail();
+        let idx = avail.idx().load();
+        let slot = usize::from(idx % QUEUE_SIZE);
+        avail.ring().ref_at(slot).unwrap().store(head);
+        avail.idx().store(idx.wrapping_add(1));
+    }
+
     /// Rings queue `q`'s doorbell.
     pub fn kick(&self, q: usize) {
         self.kicks[q].write(1).unwrap();

@@ -190,3 +190,37 @@ impl Engine for SyncEngine {
         self.done.len()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::temp_file;
+
+    #[test]
+    fn write_zeroes_falls_back_to_writing_zeros() {
+        let file = temp_file(3 << 20, 0xaa);
+        let mut e = SyncEngine::new(Arc::new(file.as_file().try_clone().unwrap()));
+        e.support = FallocateSupport {
+            punch_hole: false,
+            zero_range: false,
+        };
+        let (offset, len) = (512u64, (3 << 20) - 1024);
+        e.enqueue(
+            7,
+            Op::WriteZeroes {
+                offset,
+                len,
+                unmap: false,
+            },
+        );
+        let mut done = Vec::new();
+        e.reap(&mut done);
+        assert_eq!(done.len(), 1);
+        assert_eq!(done[0].token, 7);
+        assert!(done[0].result.is_ok());
+        let disk = std::fs::read(file.as_path()).unwrap();
+        assert_eq!(disk[..512], [0xaa; 512]);
+        assert!(disk[512..(3 << 20) - 512].iter().all(|&b| b == 0));
+        assert_eq!(disk[(3 << 20) - 512..], [0xaa; 512]);
+    }
+}
