@@ -21,12 +21,16 @@ pub mod dirty;
 use std::fs::File;
 use std::sync::Arc;
 
-use vm_memory::{
-    FileOffset, GuestAddress, GuestMemoryAtomic, GuestRegionCollection, GuestRegionMmap, MmapRegion,
-};
+use vm_memory::mmap::MmapRegionBuilder;
+use vm_memory::{FileOffset, GuestAddress, GuestMemoryAtomic, GuestRegionCollection};
 
-/// The snapshot type a device reads and writes guest memory through.
-pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<()>;
+use dirty::{DirtyLog, LogSlot, RegionDirty};
+
+/// One mapped region, with its dirty-log bitmap.
+pub type GuestRegionMmap = vm_memory::GuestRegionMmap<RegionDirty>;
+/// The snapshot type a device reads and writes guest memory through. Every write through it is
+/// logged while the frontend has dirty logging on.
+pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<RegionDirty>;
 /// An RCU-style handle to the current guest memory; cloning it is cheap.
 pub type GuestMemoryHandle = GuestMemoryAtomic<GuestMemoryMmap>;
 
@@ -180,7 +184,7 @@ impl RegionDescriptor {
 #[derive(Debug)]
 struct MappedRegion {
     desc: RegionDescriptor,
-    region: Arc<GuestRegionMmap<()>>,
+    region: Arc<GuestRegionMmap>,
 }
 
 /// The frontend's memory regions and their mappings in this process.
@@ -188,6 +192,7 @@ struct MappedRegion {
 pub struct MemoryTable {
     regions: Vec<MappedRegion>,
     max_slots: usize,
+    log: Arc<LogSlot>,
 }
 
 impl MemoryTable {
@@ -196,7 +201,19 @@ impl MemoryTable {
         MemoryTable {
             regions: Vec::new(),
             max_slots,
+            log: Arc::new(LogSlot::empty()),
         }
+    }
+
+    /// Starts logging every write into guest memory to `log`, or stops logging (`None`). Takes
+    /// effect at once for every snapshot of this table, old ones included.
+    pub fn set_dirty_log(&self, log: Option<DirtyLog>) {
+        self.log.store(log.map(Arc::new));
+    }
+
+    /// Whether writes are being logged.
+    pub fn dirty_log_active(&self) -> bool {
+        self.log.load().is_some()
     }
 
     /// The slot limit.
@@ -216,7 +233,11 @@ impl MemoryTable {
 
     /// Replaces the whole table (SET_MEM_TABLE). On error the table is unchanged.
     pub fn replace(&mut self, regions: Vec<(RegionDescriptor, File)>) -> Result<(), MemoryError> {
-        let mut staged = MemoryTable::new(self.max_slots);
+        let mut staged = MemoryTable {
+            regions: Vec::new(),
+            max_slots: self.max_slots,
+            log: self.log.clone(),
+        };
         for (desc, file) in regions {
             staged.add(desc, file)?;
         }
@@ -254,7 +275,12 @@ impl MemoryTable {
             });
         }
         let size = desc.memory_size as usize;
-        let mapping = MmapRegion::from_file(FileOffset::new(file, desc.mmap_offset), size)
+        let bitmap = RegionDirty::new(desc.guest_phys_addr, self.log.clone());
+        let mapping = MmapRegionBuilder::new_with_bitmap(size, bitmap)
+            .with_file_offset(FileOffset::new(file, desc.mmap_offset))
+            .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+            .with_mmap_flags(libc::MAP_NORESERVE | libc::MAP_SHARED)
+            .build()
             .map_err(|source| MemoryError::Map {
                 gpa: desc.guest_phys_addr,
                 size: desc.memory_size,
@@ -288,9 +314,10 @@ impl MemoryTable {
         Ok(())
     }
 
-    /// Removes every region.
+    /// Removes every region and stops logging.
     pub fn clear(&mut self) {
         self.regions.clear();
+        self.set_dirty_log(None);
     }
 
     /// A snapshot of the regions for devices to use. The mappings are shared, not copied: a
@@ -375,6 +402,34 @@ mod tests {
         assert!(mem.read_obj::<u32>(GuestAddress(0x20000)).is_err());
         assert_eq!(mem.num_regions(), 2);
         assert_eq!(t.gpa_limit(), 0x110000);
+    }
+
+    #[test]
+    fn writes_through_snapshots_are_logged_while_logging_is_on() {
+        use vm_memory::bitmap::Bitmap;
+        use vm_memory::GuestMemoryRegion;
+        let mut t = MemoryTable::new(8);
+        t.add(desc(0x200000, 0x10000, 0x7000_0000), memfd(0x10000))
+            .unwrap();
+        let mem = t.snapshot().unwrap();
+        let region = mem.find_region(GuestAddress(0x200000)).unwrap();
+        // Not logging: the write leaves no trace.
+        mem.write_obj(1u32, GuestAddress(0x203000)).unwrap();
+        // 128 bytes of log cover 1024 pages, GPA 0 to 4 MiB.
+        t.set_dirty_log(Some(DirtyLog::new(memfd(128), 0, 128).unwrap()));
+        assert!(t.dirty_log_active());
+        assert!(!region.bitmap().dirty_at(0x3000));
+        // A write across a page boundary marks both pages (0x205 and 0x206), nothing else.
+        mem.write_obj(3u64, GuestAddress(0x205ffc)).unwrap();
+        assert!(region.bitmap().dirty_at(0x5ffc));
+        assert!(region.bitmap().dirty_at(0x6000));
+        assert!(!region.bitmap().dirty_at(0x4000));
+        assert!(!region.bitmap().dirty_at(0x7000));
+        t.set_dirty_log(None);
+        assert!(
+            !region.bitmap().dirty_at(0x5ffc),
+            "no log, nothing reported"
+        );
     }
 
     #[test]

@@ -10,6 +10,7 @@
 
 use std::sync::Arc;
 
+use vm_memory::bitmap::Bitmap;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
 use super::StorageError;
@@ -206,6 +207,22 @@ impl IoBuffers {
             }
         }
         Ok(())
+    }
+}
+
+impl Drop for IoBuffers {
+    /// The kernel wrote straight into guest memory, past vm-memory's dirty tracking: mark the
+    /// pages now that it is done with them (success or not), so that a migration sends them
+    /// again. Bounced reads were copied in through vm-memory, which marked them.
+    fn drop(&mut self) {
+        if self.direction != Direction::ToGuest || self.bounce.is_some() {
+            return;
+        }
+        for seg in &self.segments {
+            for slice in self.mem.get_slices(seg.addr, seg.len as usize).flatten() {
+                slice.bitmap().mark_dirty(0, slice.len());
+            }
+        }
     }
 }
 
