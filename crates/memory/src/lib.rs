@@ -207,8 +207,8 @@ impl MemoryTable {
 
     /// Starts logging every write into guest memory to `log`, or stops logging (`None`). Takes
     /// effect at once for every snapshot of this table, old ones included.
-    pub fn set_dirty_log(&self, log: Option<DirtyLog>) {
-        self.log.store(log.map(Arc::new));
+    pub fn set_dirty_log(&self, log: Option<Arc<DirtyLog>>) {
+        self.log.store(log);
     }
 
     /// Whether writes are being logged.
@@ -416,7 +416,7 @@ mod tests {
         // Not logging: the write leaves no trace.
         mem.write_obj(1u32, GuestAddress(0x203000)).unwrap();
         // 128 bytes of log cover 1024 pages, GPA 0 to 4 MiB.
-        t.set_dirty_log(Some(DirtyLog::new(memfd(128), 0, 128).unwrap()));
+        t.set_dirty_log(Some(Arc::new(DirtyLog::new(memfd(128), 0, 128).unwrap())));
         assert!(t.dirty_log_active());
         assert!(!region.bitmap().dirty_at(0x3000));
         // A write across a page boundary marks both pages (0x205 and 0x206), nothing else.

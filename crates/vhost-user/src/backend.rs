@@ -11,11 +11,13 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::sync::Arc;
 
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use outboard_memory::dirty::DirtyLog;
 use outboard_memory::{GuestMemoryHandle, MemoryTable, RegionDescriptor};
+use outboard_virtio::state::{SavedState, MAX_STATE_SIZE};
 use outboard_virtio::{Framework, VirtioDevice};
 use vhost::vhost_user::message::{
-    FrontendReq, VhostUserConfig, VhostUserMemoryRegion, VhostUserSingleMemoryRegion,
-    VhostUserVringAddr, VhostUserVringAddrFlags, VhostUserVringState,
+    FrontendReq, VhostUserConfig, VhostUserLog, VhostUserMemoryRegion, VhostUserSingleMemoryRegion,
+    VhostUserTransferDeviceState, VhostUserVringAddr, VhostUserVringAddrFlags, VhostUserVringState,
 };
 use vhost::vhost_user::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vm_memory::ByteValued;
@@ -43,19 +45,50 @@ pub fn supported_protocol_features() -> VhostUserProtocolFeatures {
         | VhostUserProtocolFeatures::RESET_DEVICE
         | VhostUserProtocolFeatures::BACKEND_REQ
         | VhostUserProtocolFeatures::STATUS
+        | VhostUserProtocolFeatures::LOG_SHMFD
+        | VhostUserProtocolFeatures::DEVICE_STATE
 }
+
+/// Virtio feature bits that belong to vhost-user, not to the device.
+fn transport_feature_bits() -> u64 {
+    VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() | VhostUserVirtioFeatures::LOG_ALL.bits()
+}
+
+/// SET_DEVICE_STATE_FD/CHECK_DEVICE_STATE reply: the backend did not return an fd of its own.
+const STATE_NO_FD: u64 = 0x100;
+/// The error code in a state-transfer reply.
+const STATE_FAILED: u64 = 0x1;
 
 /// Settings of a backend.
 #[derive(Clone, Debug)]
 pub struct BackendConfig {
     /// How many memory regions the frontend may hot-add (GET_MAX_MEM_SLOTS).
     pub max_mem_slots: usize,
+    /// The compat version written into saved state.
+    pub compat_version: u16,
+    /// The compat versions whose state this backend loads.
+    pub accepted_compat: Vec<u16>,
 }
 
 impl Default for BackendConfig {
     fn default() -> Self {
-        BackendConfig { max_mem_slots: 32 }
+        BackendConfig {
+            max_mem_slots: 32,
+            compat_version: 1,
+            accepted_compat: vec![1],
+        }
     }
+}
+
+/// A device-state transfer running on its own thread, so the control thread keeps answering.
+#[derive(Debug)]
+enum Transfer {
+    /// Writing a saved state to the frontend's fd.
+    Save(std::thread::JoinHandle<std::io::Result<()>>),
+    /// Reading a state from the frontend's fd.
+    Load(std::thread::JoinHandle<std::io::Result<Vec<u8>>>),
+    /// The transfer could not even start; CHECK_DEVICE_STATE reports it.
+    Failed(String),
 }
 
 /// How a connection ended.
@@ -84,6 +117,12 @@ pub struct VhostUserBackend {
     memory: Option<GuestMemoryHandle>,
     protocol: VhostUserProtocolFeatures,
     owned: bool,
+    config: BackendConfig,
+    /// LOG_ALL was acknowledged: writes are logged once a log base is set.
+    log_all: bool,
+    /// The log from SET_LOG_BASE.
+    log: Option<Arc<DirtyLog>>,
+    transfer: Option<Transfer>,
 }
 
 impl VhostUserBackend {
@@ -98,6 +137,10 @@ impl VhostUserBackend {
             memory: None,
             protocol: VhostUserProtocolFeatures::empty(),
             owned: false,
+            config,
+            log_all: false,
+            log: None,
+            transfer: None,
         }
     }
 
@@ -172,6 +215,9 @@ impl VhostUserBackend {
         self.memory = None;
         self.protocol = VhostUserProtocolFeatures::empty();
         self.owned = false;
+        self.log_all = false;
+        self.log = None;
+        self.transfer = None;
     }
 
     /// Handles one message and sends what it calls for. Returns false to close the connection.
@@ -251,15 +297,16 @@ impl VhostUserBackend {
                 expect_fds(0)?;
                 no_payload(&msg)?;
                 Ok(reply_u64(
-                    self.framework.offered_features()
-                        | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits(),
+                    self.framework.offered_features() | transport_feature_bits(),
                 ))
             }
             R::SET_FEATURES => {
                 expect_fds(0)?;
                 let v = u64_payload(&msg)?;
                 let protocol_bit = VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
-                self.framework.set_features(v & !protocol_bit)?;
+                self.framework.set_features(v & !transport_feature_bits())?;
+                self.log_all = v & VhostUserVirtioFeatures::LOG_ALL.bits() != 0;
+                self.update_logging();
                 if v & protocol_bit == 0 {
                     // Without protocol features there is no SET_VRING_ENABLE: rings run as soon
                     // as they start.
@@ -424,8 +471,127 @@ impl VhostUserBackend {
                 self.framework.reset();
                 Ok(Outcome::Done)
             }
+            R::SET_LOG_BASE => {
+                self.require(VhostUserProtocolFeatures::LOG_SHMFD, req)?;
+                expect_fds(1)?;
+                let l: VhostUserLog = msg.payload_as().ok_or(RequestError::PayloadSize {
+                    got: msg.payload.len(),
+                })?;
+                let (size, offset) = (l.mmap_size, l.mmap_offset);
+                let file = std::fs::File::from(msg.fds.remove(0));
+                let log = DirtyLog::new(file, offset, size)?;
+                log::info!("dirty log set: {size} bytes");
+                self.log = Some(Arc::new(log));
+                self.update_logging();
+                // SET_LOG_BASE always has a reply with LOG_SHMFD.
+                Ok(reply_u64(0))
+            }
+            R::SET_LOG_FD => {
+                // An eventfd the frontend may want signalled when the log changes; QEMU does not
+                // require it. Accepted and closed.
+                expect_fds(1)?;
+                Ok(Outcome::Done)
+            }
+            R::SET_DEVICE_STATE_FD => {
+                self.require(VhostUserProtocolFeatures::DEVICE_STATE, req)?;
+                expect_fds(1)?;
+                let t: VhostUserTransferDeviceState =
+                    msg.payload_as().ok_or(RequestError::PayloadSize {
+                        got: msg.payload.len(),
+                    })?;
+                let fd = msg.fds.remove(0);
+                Ok(reply_u64(self.start_transfer(t.direction, t.phase, fd)))
+            }
+            R::CHECK_DEVICE_STATE => {
+                self.require(VhostUserProtocolFeatures::DEVICE_STATE, req)?;
+                expect_fds(0)?;
+                no_payload(&msg)?;
+                Ok(reply_u64(self.finish_transfer()))
+            }
             other => Err(RequestError::Unsupported { request: other }),
         }
+    }
+
+    /// Attaches the log to the memory table while LOG_ALL is on and a log is set.
+    fn update_logging(&mut self) {
+        let log = if self.log_all { self.log.clone() } else { None };
+        if log.is_some() != self.table.dirty_log_active() {
+            log::info!("dirty logging {}", if log.is_some() { "on" } else { "off" });
+        }
+        self.table.set_dirty_log(log);
+    }
+
+    /// SET_DEVICE_STATE_FD: starts a save or a load on its own thread; returns the reply value.
+    fn start_transfer(&mut self, direction: u32, phase: u32, fd: OwnedFd) -> u64 {
+        const SAVE: u32 = 0;
+        const LOAD: u32 = 1;
+        const STOPPED: u32 = 0;
+        if let Some(old) = self.transfer.take() {
+            log::warn!("a new state transfer replaces one that was never checked");
+            drop(old);
+        }
+        if phase != STOPPED {
+            log::warn!("state transfer phase {phase} is not supported");
+            return STATE_NO_FD | STATE_FAILED;
+        }
+        let file = std::fs::File::from(fd);
+        let transfer = match direction {
+            SAVE => match self.framework.save_state(self.config.compat_version) {
+                Ok(state) => match state.encode() {
+                    Ok(blob) => {
+                        log::info!("saving {} bytes of device state", blob.len());
+                        spawn_transfer("state-save", move || write_state(file, &blob))
+                            .map(Transfer::Save)
+                    }
+                    Err(e) => Err(e.to_string()),
+                },
+                Err(e) => Err(e.to_string()),
+            },
+            LOAD => spawn_transfer("state-load", move || read_state(file)).map(Transfer::Load),
+            other => Err(format!("unknown transfer direction {other}")),
+        };
+        self.transfer = Some(transfer.unwrap_or_else(|e| {
+            log::warn!("device state transfer cannot start: {e}");
+            Transfer::Failed(e)
+        }));
+        STATE_NO_FD
+    }
+
+    /// CHECK_DEVICE_STATE: waits for the transfer and, for a load, applies the state.
+    fn finish_transfer(&mut self) -> u64 {
+        let result = match self.transfer.take() {
+            None => Err("no state transfer to check".to_string()),
+            Some(Transfer::Failed(e)) => Err(e),
+            Some(Transfer::Save(t)) => match t.join() {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(e)) => Err(format!("writing the state failed: {e}")),
+                Err(_) => Err("the state writer panicked".into()),
+            },
+            Some(Transfer::Load(t)) => match t.join() {
+                Ok(Ok(blob)) => self.apply_state(&blob),
+                Ok(Err(e)) => Err(format!("reading the state failed: {e}")),
+                Err(_) => Err("the state reader panicked".into()),
+            },
+        };
+        match result {
+            Ok(()) => {
+                log::info!("device state transfer checked: OK");
+                0
+            }
+            Err(e) => {
+                log::error!("device state transfer failed: {e}");
+                STATE_FAILED
+            }
+        }
+    }
+
+    fn apply_state(&mut self, blob: &[u8]) -> Result<(), String> {
+        let state = SavedState::decode(blob).map_err(|e| e.to_string())?;
+        self.framework
+            .load_state(&state, &self.config.accepted_compat)
+            .map_err(|e| e.to_string())?;
+        log::info!("loaded {} bytes of device state", blob.len());
+        Ok(())
     }
 
     fn require(
@@ -541,6 +707,37 @@ impl VhostUserBackend {
         let fd = msg.fds.pop().map(eventfd).transpose()?;
         Ok((index, fd))
     }
+}
+
+fn spawn_transfer<T: Send + 'static>(
+    name: &str,
+    f: impl FnOnce() -> std::io::Result<T> + Send + 'static,
+) -> Result<std::thread::JoinHandle<std::io::Result<T>>, String> {
+    std::thread::Builder::new()
+        .name(name.into())
+        .spawn(f)
+        .map_err(|e| format!("cannot start the {name} thread: {e}"))
+}
+
+fn write_state(mut file: std::fs::File, blob: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    file.write_all(blob)
+    // Closing the fd tells the frontend the state is complete.
+}
+
+fn read_state(file: std::fs::File) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    let mut blob = Vec::new();
+    // One byte past the cap tells an oversized state apart from one exactly at it.
+    file.take(MAX_STATE_SIZE as u64 + 1)
+        .read_to_end(&mut blob)?;
+    if blob.len() > MAX_STATE_SIZE {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("the state exceeds {MAX_STATE_SIZE} bytes"),
+        ));
+    }
+    Ok(blob)
 }
 
 /// Requests whose reply is their own (not a REPLY_ACK).

@@ -16,6 +16,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::features::{self, FeatureError, VIRTIO_F_RING_EVENT_IDX};
 use crate::queue::QueueConfig;
+use crate::state::{FrameworkState, QueueState, SavedState, StateError};
 use crate::status::{self, StatusChange, StatusError};
 use crate::VirtioDevice;
 use crate::{Activation, ActiveQueue, DeviceError, DeviceType, GuestMemoryHandle, Interrupt};
@@ -78,6 +79,9 @@ pub enum FrameworkError {
     /// The device refused.
     #[error(transparent)]
     Device(#[from] DeviceError),
+    /// A saved state was refused.
+    #[error(transparent)]
+    State(#[from] StateError),
 }
 
 #[derive(Debug)]
@@ -421,20 +425,109 @@ impl Framework {
         }
     }
 
-    /// The device's state, with the device quiesced.
-    pub fn save_device_state(&mut self) -> Result<Vec<u8>, DeviceError> {
+    /// Saves the whole state (framework facts and the device's own), with the device quiesced
+    /// so that no request is half done; the device runs again afterwards if it may.
+    pub fn save_state(&mut self, compat_version: u16) -> Result<SavedState, FrameworkError> {
         self.pause();
-        let state = self.device.save_state();
+        let device = self.device.save_state();
         self.refresh();
-        state
+        Ok(SavedState {
+            device_type: self.device.device_type().id(),
+            compat_version,
+            framework: FrameworkState {
+                acked_features: self.acked.unwrap_or(0),
+                status: self.status,
+                queues: self
+                    .queues
+                    .iter()
+                    .map(|s| QueueState {
+                        size: s.config.size,
+                        next_avail: s.config.next_avail,
+                        enabled: s.enabled,
+                    })
+                    .collect(),
+            },
+            device: device?,
+        })
     }
 
-    /// Loads the device's state, with the device quiesced.
-    pub fn load_device_state(&mut self, state: &[u8]) -> Result<(), DeviceError> {
+    /// Loads a saved state after checking it against this device: the same device type, an
+    /// accepted compat version, the same number of queues, queue sizes this device allows, and
+    /// features it offers (and, if the driver here already chose features, the same ones). A
+    /// refused state changes nothing. The frontend restores ring positions and status itself;
+    /// the saved ones are checked, not applied.
+    pub fn load_state(
+        &mut self,
+        state: &SavedState,
+        accepted_compat: &[u16],
+    ) -> Result<(), FrameworkError> {
+        let expected = self.device.device_type().id();
+        if state.device_type != expected {
+            return Err(StateError::DeviceType {
+                found: state.device_type,
+                expected,
+            }
+            .into());
+        }
+        if !accepted_compat.contains(&state.compat_version) {
+            return Err(StateError::CompatVersion {
+                found: state.compat_version,
+                accepted: accepted_compat.to_vec(),
+            }
+            .into());
+        }
+        let fw = &state.framework;
+        if fw.queues.len() != self.queues.len() {
+            return Err(StateError::field(
+                "queues",
+                format!(
+                    "the state has {} queues, this device has {}",
+                    fw.queues.len(),
+                    self.queues.len()
+                ),
+            )
+            .into());
+        }
+        for (i, (q, slot)) in fw.queues.iter().zip(&self.queues).enumerate() {
+            if q.size == 0 || q.size > slot.config.max_size || !q.size.is_power_of_two() {
+                return Err(StateError::field(
+                    "queue size",
+                    format!(
+                        "queue {i}: size {} (maximum here {})",
+                        q.size, slot.config.max_size
+                    ),
+                )
+                .into());
+            }
+        }
+        let acked = if fw.status & status::FEATURES_OK != 0 || fw.acked_features != 0 {
+            let acked = features::negotiate(self.offered, fw.acked_features).map_err(|e| {
+                StateError::field("acked features", format!("not offered here: {e}"))
+            })?;
+            if let Some(current) = self.acked {
+                if current != acked {
+                    return Err(StateError::field(
+                        "acked features",
+                        format!("saved {acked:#x}, negotiated here {current:#x}"),
+                    )
+                    .into());
+                }
+            }
+            Some(acked)
+        } else {
+            None
+        };
         self.pause();
-        let result = self.device.load_state(state);
+        // The device validates its own payload before anything is applied.
+        let result = self.device.load_state(&state.device);
+        if result.is_ok() {
+            if let (Some(acked), None) = (acked, self.acked) {
+                self.device.ack_features(acked);
+                self.acked = Some(acked);
+            }
+        }
         self.refresh();
-        result
+        result.map_err(FrameworkError::from)
     }
 
     /// The queue configurations (for state saving and diagnostics).
