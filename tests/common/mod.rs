@@ -2,6 +2,11 @@
 //! that they stay up.
 #![allow(dead_code)]
 
+pub mod blk;
+pub mod hostile;
+
+use std::os::fd::RawFd;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
@@ -68,7 +73,10 @@ impl Backend {
         let log_file = std::fs::File::create(&log).unwrap();
         let child = Command::new(binary(program))
             .args(args)
-            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .stdin(Stdio::null())
             .stdout(log_file.try_clone().unwrap())
             .stderr(log_file)
@@ -82,12 +90,70 @@ impl Backend {
         let deadline = Instant::now() + Duration::from_secs(20);
         while !socket.exists() {
             if let Some(status) = b.child.try_wait().unwrap() {
-                panic!("{program} exited with {status} before listening:\n{}", b.log_text());
+                panic!(
+                    "{program} exited with {status} before listening:\n{}",
+                    b.log_text()
+                );
             }
-            assert!(Instant::now() < deadline, "{program} did not listen:\n{}", b.log_text());
+            assert!(
+                Instant::now() < deadline,
+                "{program} did not listen:\n{}",
+                b.log_text()
+            );
             std::thread::sleep(Duration::from_millis(10));
         }
         b
+    }
+
+    /// Starts `program` with `args` and the descriptor `fd` of this process left open in the
+    /// child under the same number (for `--fd`). Does not wait for anything: the socket exists
+    /// already. `socket` is only recorded.
+    pub fn spawn_with_fd(
+        program: &str,
+        fd: RawFd,
+        args: &[String],
+        socket: PathBuf,
+        log: PathBuf,
+    ) -> Backend {
+        let log_file = std::fs::File::create(&log).unwrap();
+        let mut cmd = Command::new(binary(program));
+        cmd.args(args)
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+            )
+            .stdin(Stdio::null())
+            .stdout(log_file.try_clone().unwrap())
+            .stderr(log_file);
+        // SAFETY: the closure runs in the forked child before exec and only calls fcntl, which
+        // is async-signal-safe; it allocates nothing and touches no lock. Clearing FD_CLOEXEC on
+        // `fd` in the child alone keeps the parent's descriptor out of every other child.
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::fcntl(fd, libc::F_SETFD, 0) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = cmd.spawn().expect("start backend");
+        Backend { child, socket, log }
+    }
+
+    /// Waits up to `timeout` for the process to exit and returns its status.
+    pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                return s;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "backend did not exit within {timeout:?}:\n{}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
     }
 
     pub fn log_text(&self) -> String {
@@ -110,7 +176,11 @@ impl Backend {
             if let Some(s) = self.child.try_wait().unwrap() {
                 return s;
             }
-            assert!(Instant::now() < deadline, "backend ignored SIGTERM:\n{}", self.log_text());
+            assert!(
+                Instant::now() < deadline,
+                "backend ignored SIGTERM:\n{}",
+                self.log_text()
+            );
             std::thread::sleep(Duration::from_millis(10));
         }
     }

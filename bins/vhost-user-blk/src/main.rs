@@ -4,6 +4,20 @@
 //! `--print-capabilities`, no daemonizing, a clean exit on SIGTERM, and the next frontend served
 //! after one disconnects. Storage is a regular file or a block device (`--blk-file`, io_uring by
 //! default) or a null disk for benchmarks (`--null-size`).
+//!
+//! Sandboxed by default: once the storage and the socket are open the process enters the
+//! sandbox (`--sandbox`, `--seccomp`; see `crates/sandbox/SECURITY-MODEL.md`) before it reads
+//! any frontend message. The sandbox is the launcher's business, not something a frontend
+//! negotiates, so it is not in the capability JSON.
+//!
+//! `--compat-version N` fixes the guest-visible device (see `outboard_blk::COMPAT_VERSIONS`) and
+//! the compat version written into saved device state; state of version N or older is loaded.
+//! The capability JSON is the vhost-user schema's `type` and `features`, plus an `outboard`
+//! object that the schema does not define (QEMU ignores members it does not know) telling a
+//! migration tool what this binary can present and read:
+//! `"outboard": {"compat-versions": [1, 2], "default-compat-version": 2, "state-format": 1}`.
+
+mod sandbox;
 
 use std::os::fd::RawFd;
 use std::path::PathBuf;
@@ -72,6 +86,15 @@ struct Args {
     /// Busy-poll the queues for this many microseconds after the last request before sleeping.
     #[arg(long, default_value_t = 0, value_name = "US")]
     poll_us: u64,
+
+    /// The guest-visible device generation to present and to write into saved state (1: no
+    /// discard or write zeroes; 2: both). State saved by this version or an older one loads.
+    #[arg(long, default_value_t = outboard_blk::DEFAULT_COMPAT_VERSION,
+          value_parser = parse_compat_version)]
+    compat_version: u16,
+
+    #[command(flatten)]
+    sandbox: program::SandboxArgs,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -115,11 +138,40 @@ fn parse_serial(s: &str) -> Result<String, String> {
     Ok(s.to_string())
 }
 
+fn parse_compat_version(s: &str) -> Result<u16, String> {
+    let n: u16 = s.parse().map_err(|e| format!("{s:?}: {e}"))?;
+    if !outboard_blk::COMPAT_VERSIONS.contains(&n) {
+        return Err(format!(
+            "compat version {n} is not one of {:?}",
+            outboard_blk::COMPAT_VERSIONS
+        ));
+    }
+    Ok(n)
+}
+
 fn capabilities() -> serde_json::Value {
     serde_json::json!({
         "type": "block",
         "features": ["read-only", "blk-file"],
+        "outboard": {
+            "compat-versions": outboard_blk::COMPAT_VERSIONS,
+            "default-compat-version": outboard_blk::DEFAULT_COMPAT_VERSION,
+            "state-format": outboard_virtio::state::FORMAT_VERSION,
+        },
     })
+}
+
+/// The transport settings for `compat_version`: state is written as that version, and state of
+/// it or any older version is loaded.
+fn backend_config(compat_version: u16) -> BackendConfig {
+    BackendConfig {
+        compat_version,
+        accepted_compat: outboard_blk::COMPAT_VERSIONS
+            .into_iter()
+            .filter(|&v| v <= compat_version)
+            .collect(),
+        ..BackendConfig::default()
+    }
 }
 
 fn blk_config(args: &Args) -> outboard_blk::BlkConfig {
@@ -145,6 +197,7 @@ fn blk_config(args: &Args) -> outboard_blk::BlkConfig {
         .threads
         .and_then(|t| std::num::NonZeroUsize::new(usize::from(t)));
     config.poll = Duration::from_micros(args.poll_us);
+    config.compat_version = args.compat_version;
     config
 }
 
@@ -154,17 +207,51 @@ fn main() {
     let source = program::socket_source(PROGRAM, args.socket_path.clone(), args.fd);
     let config = blk_config(&args);
     program::init_logging();
-    if let Err(e) = run(config, source) {
+    if let Err(e) = run(config, source, &args.sandbox) {
         log::error!("{e:#}");
         std::process::exit(program::EXIT_FAILURE);
     }
 }
 
-fn run(config: outboard_blk::BlkConfig, source: program::SocketSource) -> anyhow::Result<()> {
+fn run(
+    config: outboard_blk::BlkConfig,
+    source: program::SocketSource,
+    sandbox_args: &program::SandboxArgs,
+) -> anyhow::Result<()> {
     // Before any other thread exists, so that every thread inherits the blocked signals.
-    let shutdown = program::shutdown_on_signals()?;
+    let signals = program::block_termination_signals()?;
+    // Everything the device needs from the host is opened here, before the sandbox: the
+    // storage, one engine per worker thread, the socket.
+    let transport = backend_config(config.compat_version);
     let device = outboard_blk::Blk::new(config)?;
-    let socket = program::open_socket(source)?;
-    let mut backend = VhostUserBackend::new(Box::new(device), BackendConfig::default());
+    let engine = device
+        .engine_name()
+        .and_then(sandbox::Engine::from_name)
+        .ok_or_else(|| anyhow::anyhow!("unknown storage engine {:?}", device.engine_name()))?;
+    let mut socket = program::open_socket(source)?;
+    let mut backend = VhostUserBackend::new(Box::new(device), transport);
+    let shutdown = program::enter_sandbox(
+        sandbox_args,
+        sandbox::blk_layer(engine),
+        signals,
+        &mut socket,
+    )?;
     program::serve(&mut backend, &socket, &shutdown)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_backend_loads_state_of_its_compat_version_or_older() {
+        assert_eq!(backend_config(1).accepted_compat, vec![1]);
+        let c = backend_config(2);
+        assert_eq!((c.compat_version, c.accepted_compat), (2, vec![1, 2]));
+        assert!(parse_compat_version("0").is_err());
+        assert!(parse_compat_version("3").is_err());
+        let caps = capabilities();
+        assert_eq!(caps["outboard"]["compat-versions"], serde_json::json!([1, 2]));
+        assert_eq!(caps["type"], "block");
+    }
 }

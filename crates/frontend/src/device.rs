@@ -609,6 +609,62 @@ impl Session {
         self.driver_ok()
     }
 
+    /// Moves the session to the backend listening on `path`, keeping guest RAM and the rings:
+    /// connects, runs the handshake asking for exactly the features acked so far, calls
+    /// `prepare` (e.g. to load device state), checks the new backend acked the same features,
+    /// starts each queue in `bases` at its base, and sets DRIVER_OK. Every queue must be stopped
+    /// before (see [`Session::stop_queue`]).
+    ///
+    /// On success the previous connection is returned, for the caller to close. On any error the
+    /// session is back on the previous connection as it was, with its queues still stopped, and
+    /// the new connection is shut down.
+    pub fn switch_backend<E: From<SessionError>>(
+        &mut self,
+        path: &Path,
+        bases: &[(u16, u16)],
+        prepare: impl FnOnce(&mut Session) -> Result<(), E>,
+    ) -> Result<Connection, E> {
+        let mut opts = self.opts.clone();
+        opts.path = path.into();
+        opts.features = Some(self.negotiated.features_acked);
+        let conn = opts.open()?;
+        let saved = (
+            std::mem::replace(&mut self.conn, conn),
+            std::mem::replace(&mut self.opts, opts),
+            self.negotiated,
+            self.backend.take(),
+            self.status,
+            self.started.clone(),
+        );
+        let before = saved.2.features_acked;
+        let result = (|| {
+            self.handshake()?;
+            prepare(self)?;
+            let after = self.negotiated.features_acked;
+            if after != before {
+                return Err(SessionError::FeaturesChanged { before, after }.into());
+            }
+            for &(index, base) in bases {
+                self.start_queue(index, base)?;
+            }
+            self.driver_ok()?;
+            Ok(())
+        })();
+        match result {
+            Ok(()) => Ok(saved.0),
+            Err(e) => {
+                self.conn.shutdown();
+                self.conn = saved.0;
+                self.opts = saved.1;
+                self.negotiated = saved.2;
+                self.backend = saved.3;
+                self.status = saved.4;
+                self.started = saved.5;
+                Err(e)
+            }
+        }
+    }
+
     /// SET_MEM_TABLE with every active region.
     pub fn set_mem_table(&mut self) -> Result<(), SessionError> {
         self.conn

@@ -23,6 +23,8 @@ pub mod backend_channel;
 pub mod blk;
 pub mod connection;
 pub mod device;
+pub mod migration;
+pub mod net;
 pub mod queue;
 pub mod ram;
 pub mod raw;
@@ -34,6 +36,11 @@ pub use blk::{
 };
 pub use connection::{Connection, ConnectionError};
 pub use device::{Negotiated, Session, SessionBuilder, SessionError};
+pub use migration::{DirtyBitmap, DirtyLog, Migrated, MigrationError};
+pub use net::{
+    CtrlAck, NetConfig, NetCtrlQueue, NetDriver, NetError, NetHdr, NetOptions, NetRxQueue,
+    NetTxQueue, RxMode, RxPacket,
+};
 pub use queue::{
     DriverQueue, NotifyMode, QueueConfig, QueueError, QueueStats, RawDescriptor, RingAddressing,
     Segment, Used, VringSetup,

@@ -323,10 +323,12 @@ impl MemoryTable {
     /// A snapshot of the regions for devices to use. The mappings are shared, not copied: a
     /// snapshot keeps its regions mapped after they leave the table, until the last user drops it.
     pub fn snapshot(&self) -> Result<GuestMemoryMmap, MemoryError> {
-        GuestRegionCollection::from_arc_regions(
-            self.regions.iter().map(|r| r.region.clone()).collect(),
-        )
-        .map_err(MemoryError::Collection)
+        // vm-memory wants the regions sorted by GPA; the table keeps the frontend's order, and a
+        // frontend may add a region below one it added before.
+        let mut sorted: Vec<&MappedRegion> = self.regions.iter().collect();
+        sorted.sort_by_key(|r| r.desc.guest_phys_addr);
+        GuestRegionCollection::from_arc_regions(sorted.iter().map(|r| r.region.clone()).collect())
+            .map_err(MemoryError::Collection)
     }
 
     /// Translates a range in the frontend's address space to a guest-physical address. The whole
@@ -402,6 +404,19 @@ mod tests {
         assert!(mem.read_obj::<u32>(GuestAddress(0x20000)).is_err());
         assert_eq!(mem.num_regions(), 2);
         assert_eq!(t.gpa_limit(), 0x110000);
+    }
+
+    #[test]
+    fn regions_added_below_earlier_ones_make_a_snapshot() {
+        let mut t = MemoryTable::new(8);
+        t.add(desc(0x100000, 0x10000, 0x8000_0000), memfd(0x10000))
+            .unwrap();
+        t.add(desc(0, 0x10000, 0x7000_0000), memfd(0x10000))
+            .unwrap();
+        let mem = t.snapshot().unwrap();
+        assert_eq!(mem.num_regions(), 2);
+        mem.write_obj(7u8, GuestAddress(0x10)).unwrap();
+        mem.write_obj(8u8, GuestAddress(0x100010)).unwrap();
     }
 
     #[test]

@@ -6,7 +6,10 @@
 //! - `--print-capabilities` prints the capability JSON and exits, ignoring every other option;
 //! - the program never daemonizes, ends cleanly on SIGTERM (and SIGINT), and serves the next
 //!   frontend after one disconnects;
-//! - a bad option is one line on stderr and exit code 2; a failure to start is exit code 1.
+//! - a bad option is one line on stderr and exit code 2; a failure to start is exit code 1;
+//! - sandboxed by default (`--sandbox`, `--seccomp`): once the storage and the socket are
+//!   open, [`enter_sandbox`] confines the process (`outboard-sandbox`) before any frontend
+//!   message is read, and every thread runs under the seccomp filter of its role.
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::FileTypeExt;
@@ -14,9 +17,14 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
+use clap::builder::{PossibleValuesParser, TypedValueParser};
 use clap::Parser;
 use nix::sys::signal::{SigSet, Signal};
 use nix::sys::socket::{getsockopt, sockopt};
+use outboard_sandbox::layers::{self, ProgramOptions};
+use outboard_sandbox::{
+    Layer, Role, Sandbox, SandboxConfig, SandboxLevel, SeccompMode, SelfTest, SocketReaper,
+};
 use outboard_vhost_user::VhostUserBackend;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
@@ -37,7 +45,10 @@ pub enum SocketSource {
 /// Prints `json` and exits if `--print-capabilities` is among the arguments: the spec says every
 /// other option is then ignored, so this runs before parsing.
 pub fn handle_print_capabilities(json: &serde_json::Value) {
-    if std::env::args_os().skip(1).any(|a| a == "--print-capabilities") {
+    if std::env::args_os()
+        .skip(1)
+        .any(|a| a == "--print-capabilities")
+    {
         println!("{json}");
         std::process::exit(0);
     }
@@ -71,11 +82,7 @@ pub fn usage_error(program: &str, message: &str) -> ! {
 }
 
 /// Chooses the socket source from `--socket-path` and `--fd`, exactly one of which is required.
-pub fn socket_source(
-    program: &str,
-    path: Option<PathBuf>,
-    fd: Option<RawFd>,
-) -> SocketSource {
+pub fn socket_source(program: &str, path: Option<PathBuf>, fd: Option<RawFd>) -> SocketSource {
     match (path, fd) {
         (Some(p), None) => SocketSource::Path(p),
         (None, Some(fd)) if fd >= 0 => SocketSource::Fd(fd),
@@ -94,47 +101,192 @@ pub fn init_logging() {
 
 /// Blocks SIGTERM, SIGINT and SIGHUP in this thread (and so in every thread it starts later) and
 /// starts a thread that turns them into a readable eventfd. Call before starting other threads.
+/// Unsandboxed: a sandboxed program calls [`block_termination_signals`] first and
+/// [`enter_sandbox`] later, which starts the signal thread under its own filter.
 pub fn shutdown_on_signals() -> anyhow::Result<EventFd> {
+    let set = block_termination_signals()?;
+    start_signal_thread(set, false)
+}
+
+/// Blocks SIGTERM, SIGINT and SIGHUP in this thread, and so in every thread it starts later.
+/// Call before any other thread exists; pass the set to [`enter_sandbox`].
+pub fn block_termination_signals() -> anyhow::Result<SigSet> {
     let mut set = SigSet::empty();
     set.add(Signal::SIGTERM);
     set.add(Signal::SIGINT);
     set.add(Signal::SIGHUP);
-    set.thread_block().context("cannot block termination signals")?;
+    set.thread_block()
+        .context("cannot block termination signals")?;
+    Ok(set)
+}
+
+/// Starts the thread that turns the signals of `set` into a readable eventfd. With `confine`,
+/// the thread installs the [`Role::Signals`] filter before anything else and this returns only
+/// once it has (or with its error).
+fn start_signal_thread(set: SigSet, confine: bool) -> anyhow::Result<EventFd> {
     let shutdown = EventFd::new(EFD_NONBLOCK).context("cannot create the shutdown eventfd")?;
-    let notify = shutdown.try_clone().context("cannot clone the shutdown eventfd")?;
+    let notify = shutdown
+        .try_clone()
+        .context("cannot clone the shutdown eventfd")?;
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     std::thread::Builder::new()
         .name("signals".into())
-        .spawn(move || loop {
-            match set.wait() {
-                Ok(sig) => {
-                    log::info!("{sig:?} received: shutting down");
-                    if let Err(e) = notify.write(1) {
-                        log::error!("cannot signal shutdown: {e}");
+        .spawn(move || {
+            let confined = if confine {
+                outboard_sandbox::confine_thread(Role::Signals)
+            } else {
+                Ok(())
+            };
+            let failed = confined.is_err();
+            let _ = ready_tx.send(confined);
+            if failed {
+                return;
+            }
+            loop {
+                match set.wait() {
+                    Ok(sig) => {
+                        log::info!("{sig:?} received: shutting down");
+                        if let Err(e) = notify.write(1) {
+                            log::error!("cannot signal shutdown: {e}");
+                        }
                     }
-                }
-                Err(e) => {
-                    log::error!("sigwait failed: {e}");
-                    return;
+                    Err(e) => {
+                        log::error!("sigwait failed: {e}");
+                        return;
+                    }
                 }
             }
         })
         .context("cannot start the signal thread")?;
+    ready_rx
+        .recv()
+        .context("the signal thread ended before it started")?
+        .context("cannot confine the signal thread")?;
+    Ok(shutdown)
+}
+
+/// `--sandbox` and `--seccomp`, shared by every backend binary (`#[command(flatten)]`).
+#[derive(clap::Args, Clone, Debug)]
+pub struct SandboxArgs {
+    /// Process-wide confinement, applied once the storage and the socket are open: landlock
+    /// (no file system paths, no TCP, no_new_privs, no capabilities even as root, no core
+    /// dumps); namespace (the same, in new user, mount, IPC, network and UTS namespaces with an
+    /// empty root); none (only the seccomp filter, if any).
+    #[arg(long, value_name = "LEVEL", default_value = "landlock", value_parser = sandbox_level_parser())]
+    pub sandbox: SandboxLevel,
+
+    /// What a system call outside the thread's seccomp policy does: kill the process; trap
+    /// (log the call, the thread and its role, then exit with status 159); log (let it through:
+    /// the kernel logs it, for building policies); none (no filter).
+    #[arg(long, value_name = "ACTION", default_value = "kill", value_parser = seccomp_mode_parser())]
+    pub seccomp: SeccompMode,
+}
+
+fn sandbox_level_parser() -> impl TypedValueParser<Value = SandboxLevel> {
+    PossibleValuesParser::new(SandboxLevel::NAMES)
+        .map(|s| s.parse::<SandboxLevel>().expect("one of the listed values"))
+}
+
+fn seccomp_mode_parser() -> impl TypedValueParser<Value = SeccompMode> {
+    PossibleValuesParser::new(SeccompMode::NAMES)
+        .map(|s| s.parse::<SeccompMode>().expect("one of the listed values"))
+}
+
+/// Confines the process once its resources are open, and starts the signal thread: the
+/// process-wide restrictions of `args.sandbox` (while this is the only thread), the signal
+/// thread under its own filter, the queue workers' filter as their start hook, and this
+/// (control) thread's filter. `device` is the device's seccomp layer. Returns the shutdown
+/// eventfd.
+///
+/// Run a self-test named by `OUTBOARD_SANDBOX_SELFTEST` last (see [`SelfTest`]).
+pub fn enter_sandbox(
+    args: &SandboxArgs,
+    device: Layer,
+    signals: SigSet,
+    socket: &mut ServingSocket,
+) -> anyhow::Result<EventFd> {
+    let selftest = SelfTest::from_env().map_err(anyhow::Error::msg)?;
+    let config = SandboxConfig::new(args.sandbox, args.seccomp);
+    // Without any confinement the program removes its socket file itself, as ever; otherwise a
+    // helper process does it, so that the backend keeps no right on the file system.
+    let confined = config.level != SandboxLevel::None || config.seccomp != SeccompMode::None;
+    let reaper = match socket.path() {
+        Some(path) if confined => {
+            Some(SocketReaper::spawn(path).context("cannot start the socket file's reaper")?)
+        }
+        _ => None,
+    };
+    let socket_reaper = reaper.as_ref().map(SocketReaper::pid);
+    if let Some(reaper) = reaper {
+        socket.hand_file_to(reaper);
+    }
+    let policy = layers::vhost_user_backend(ProgramOptions { socket_reaper }, device)
+        .context("invalid sandbox policy")?;
+    let mut sandbox = Sandbox::new(config, &policy).context("cannot prepare the sandbox")?;
+    sandbox
+        .restrict_process()
+        .context("cannot enter the sandbox")?;
+    let shutdown = start_signal_thread(signals, true)?;
+    if !outboard_virtio::worker::set_thread_start_hook(outboard_sandbox::worker_thread_start) {
+        anyhow::bail!("the queue workers' start hook is already set");
+    }
+    outboard_sandbox::confine_thread(Role::Control).context("cannot confine the control thread")?;
+    log::info!("{}", sandbox.summary());
+    if let Some(test) = selftest {
+        test.run();
+    }
     Ok(shutdown)
 }
 
 /// A socket ready to serve: a listener, or one inherited connection.
 #[derive(Debug)]
 pub enum ServingSocket {
-    /// Accept frontends one after another; the path (if ours) is removed on drop.
-    Listener(UnixListener, Option<PathBuf>),
+    /// Accept frontends one after another; what becomes of the socket file at exit.
+    Listener(UnixListener, SocketFile),
     /// Serve the one frontend on this connection, then exit.
     Connected(UnixStream),
 }
 
+/// What becomes of a listener's socket file when the program ends.
+#[derive(Debug)]
+pub enum SocketFile {
+    /// Not this program's (an inherited listener): left alone.
+    NotOurs,
+    /// Removed by this process when the socket is dropped.
+    Remove(PathBuf),
+    /// Removed by the sandbox's helper process when the socket is dropped, or when this
+    /// process dies (a sandboxed process has no right to remove files).
+    Reaper(SocketReaper),
+}
+
+impl ServingSocket {
+    /// The socket file this program created and removes itself on drop, if any.
+    pub fn path(&self) -> Option<&Path> {
+        match self {
+            ServingSocket::Listener(_, SocketFile::Remove(path)) => Some(path),
+            _ => None,
+        }
+    }
+
+    /// Hands the removal of the socket file to `reaper`.
+    pub fn hand_file_to(&mut self, reaper: SocketReaper) {
+        if let ServingSocket::Listener(_, file) = self {
+            *file = SocketFile::Reaper(reaper);
+        }
+    }
+}
+
 impl Drop for ServingSocket {
     fn drop(&mut self) {
-        if let ServingSocket::Listener(_, Some(path)) = self {
-            let _ = std::fs::remove_file(path);
+        if let ServingSocket::Listener(_, file) = self {
+            match std::mem::replace(file, SocketFile::NotOurs) {
+                SocketFile::Remove(path) => {
+                    let _ = std::fs::remove_file(path);
+                }
+                // Waits until the helper has removed the file.
+                SocketFile::Reaper(reaper) => drop(reaper),
+                SocketFile::NotOurs => {}
+            }
         }
     }
 }
@@ -148,7 +300,7 @@ pub fn open_socket(source: SocketSource) -> anyhow::Result<ServingSocket> {
             let listener = UnixListener::bind(&path)
                 .with_context(|| format!("cannot listen on {}", path.display()))?;
             log::info!("listening on {}", path.display());
-            Ok(ServingSocket::Listener(listener, Some(path)))
+            Ok(ServingSocket::Listener(listener, SocketFile::Remove(path)))
         }
         SocketSource::Fd(fd) => {
             // SAFETY: fcntl(F_GETFD) on any integer is harmless; it tells whether the fd is open.
@@ -161,7 +313,10 @@ pub fn open_socket(source: SocketSource) -> anyhow::Result<ServingSocket> {
             let listening = getsockopt(&owned, sockopt::AcceptConn)
                 .with_context(|| format!("--fd {fd} is not a socket"))?;
             if listening {
-                Ok(ServingSocket::Listener(UnixListener::from(owned), None))
+                Ok(ServingSocket::Listener(
+                    UnixListener::from(owned),
+                    SocketFile::NotOurs,
+                ))
             } else {
                 Ok(ServingSocket::Connected(UnixStream::from(owned)))
             }

@@ -193,15 +193,16 @@ impl VhostUserBackend {
             if !wait_readable(stream.as_fd(), shutdown)? {
                 return Ok(SessionEnd::Shutdown);
             }
-            let msg = match wire::recv_message(stream) {
+            let msg = match wire::recv_message_until(stream, Some(borrow_eventfd(shutdown))) {
                 Ok(m) => m,
                 Err(WireError::Disconnected) => return Ok(SessionEnd::Disconnected),
+                Err(WireError::Cancelled) => return Ok(SessionEnd::Shutdown),
                 Err(e) => {
                     log::warn!("closing the connection: {e}");
                     return Ok(SessionEnd::Disconnected);
                 }
             };
-            if !self.dispatch(stream, msg) {
+            if !self.dispatch(stream, msg, shutdown) {
                 return Ok(SessionEnd::Disconnected);
             }
         }
@@ -221,7 +222,7 @@ impl VhostUserBackend {
     }
 
     /// Handles one message and sends what it calls for. Returns false to close the connection.
-    fn dispatch(&mut self, stream: &UnixStream, msg: Message) -> bool {
+    fn dispatch(&mut self, stream: &UnixStream, msg: Message, shutdown: &EventFd) -> bool {
         let header = msg.header;
         let request = FrontendReq::try_from(header.request).ok();
         log::debug!(
@@ -233,20 +234,19 @@ impl VhostUserBackend {
             msg.fds.len()
         );
         let result = match request {
-            Some(req) => self.handle(req, msg),
+            Some(req) => self.handle(req, msg, shutdown),
             None => Err(RequestError::Unknown {
                 request: header.request,
             }),
         };
         let reply_ack =
             header.need_reply() && self.protocol.contains(VhostUserProtocolFeatures::REPLY_ACK);
-        let send = |payload: &[u8]| match wire::send_message(
+        // A frontend that does not read its replies cannot keep the backend from shutting down.
+        let send = |payload: &[u8]| match wire::send_reply_until(
             stream,
             header.request,
-            true,
-            false,
             payload,
-            &[],
+            borrow_eventfd(shutdown),
         ) {
             Ok(()) => true,
             Err(e) => {
@@ -282,7 +282,12 @@ impl VhostUserBackend {
         }
     }
 
-    fn handle(&mut self, req: FrontendReq, mut msg: Message) -> Result<Outcome, RequestError> {
+    fn handle(
+        &mut self,
+        req: FrontendReq,
+        mut msg: Message,
+        shutdown: &EventFd,
+    ) -> Result<Outcome, RequestError> {
         use FrontendReq as R;
         let fds = msg.fds.len();
         let expect_fds = |want: usize| {
@@ -325,6 +330,7 @@ impl VhostUserBackend {
             }
             R::RESET_OWNER => {
                 expect_fds(0)?;
+                no_payload(&msg)?;
                 self.framework.reset();
                 self.owned = false;
                 Ok(Outcome::Done)
@@ -351,10 +357,12 @@ impl VhostUserBackend {
             }
             R::GET_QUEUE_NUM => {
                 expect_fds(0)?;
+                no_payload(&msg)?;
                 Ok(reply_u64(self.framework.num_queues() as u64))
             }
             R::GET_MAX_MEM_SLOTS => {
                 expect_fds(0)?;
+                no_payload(&msg)?;
                 Ok(reply_u64(self.table.max_slots() as u64))
             }
             R::SET_MEM_TABLE => self.set_mem_table(msg),
@@ -464,10 +472,12 @@ impl VhostUserBackend {
             R::GET_STATUS => {
                 expect_fds(0)?;
                 self.require(VhostUserProtocolFeatures::STATUS, req)?;
+                no_payload(&msg)?;
                 Ok(reply_u64(u64::from(self.framework.status())))
             }
             R::RESET_DEVICE => {
                 expect_fds(0)?;
+                no_payload(&msg)?;
                 self.framework.reset();
                 Ok(Outcome::Done)
             }
@@ -490,6 +500,7 @@ impl VhostUserBackend {
                 // An eventfd the frontend may want signalled when the log changes; QEMU does not
                 // require it. Accepted and closed.
                 expect_fds(1)?;
+                no_payload(&msg)?;
                 Ok(Outcome::Done)
             }
             R::SET_DEVICE_STATE_FD => {
@@ -506,6 +517,11 @@ impl VhostUserBackend {
                 self.require(VhostUserProtocolFeatures::DEVICE_STATE, req)?;
                 expect_fds(0)?;
                 no_payload(&msg)?;
+                if !self.wait_for_transfer(shutdown) {
+                    // The frontend keeps the transfer from finishing (a pipe it neither closes
+                    // nor drains) and the backend is shutting down: the transfer failed.
+                    return Ok(reply_u64(STATE_FAILED));
+                }
                 Ok(reply_u64(self.finish_transfer()))
             }
             other => Err(RequestError::Unsupported { request: other }),
@@ -558,6 +574,25 @@ impl VhostUserBackend {
     }
 
     /// CHECK_DEVICE_STATE: waits for the transfer and, for a load, applies the state.
+    /// Waits until the transfer thread has finished (true), or until `shutdown` is readable
+    /// (false): a transfer waits on the frontend, which must not keep the backend from exiting.
+    fn wait_for_transfer(&self, shutdown: &EventFd) -> bool {
+        let finished = |transfer: &Option<Transfer>| match transfer {
+            Some(Transfer::Save(t)) => t.is_finished(),
+            Some(Transfer::Load(t)) => t.is_finished(),
+            Some(Transfer::Failed(_)) | None => true,
+        };
+        while !finished(&self.transfer) {
+            let mut fds = [PollFd::new(borrow_eventfd(shutdown), PollFlags::POLLIN)];
+            if let Ok(n) = poll(&mut fds, PollTimeout::from(10u8)) {
+                if n > 0 {
+                    return false;
+                }
+            }
+        }
+        true
+    }
+
     fn finish_transfer(&mut self) -> u64 {
         let result = match self.transfer.take() {
             None => Err("no state transfer to check".to_string()),
@@ -641,7 +676,14 @@ impl VhostUserBackend {
     }
 
     /// Gives devices a snapshot of the current table.
+    /// With no region left (REM_MEM_REG of the last one), the device has no memory and pauses
+    /// until a region is added again.
     fn publish_memory(&mut self) -> Result<(), RequestError> {
+        if self.table.is_empty() {
+            self.memory = None;
+            self.framework.set_memory(None);
+            return Ok(());
+        }
         let snapshot = self.table.snapshot()?;
         match &self.memory {
             Some(handle) => handle
@@ -849,13 +891,18 @@ fn config_header(msg: &Message) -> Result<(VhostUserConfig, usize), RequestError
     Ok((hdr, size as usize))
 }
 
+/// The fd of an eventfd, borrowed for as long as the eventfd.
+fn borrow_eventfd(e: &EventFd) -> std::os::fd::BorrowedFd<'_> {
+    // SAFETY: the fd belongs to `e`, which outlives the returned borrow, so it stays open.
+    unsafe { std::os::fd::BorrowedFd::borrow_raw(e.as_raw_fd()) }
+}
+
 /// Waits until `fd` is readable (true) or `shutdown` is (false).
 fn wait_readable(
     fd: std::os::fd::BorrowedFd<'_>,
     shutdown: &EventFd,
 ) -> Result<bool, TransportError> {
-    // SAFETY: the eventfd outlives this call, so the borrowed fd stays valid while it is used.
-    let shutdown_fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(shutdown.as_raw_fd()) };
+    let shutdown_fd = borrow_eventfd(shutdown);
     loop {
         let mut fds = [
             PollFd::new(fd, PollFlags::POLLIN),

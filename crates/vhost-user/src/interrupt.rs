@@ -42,8 +42,13 @@ impl VhostUserInterrupt {
         }
     }
 
-    /// Sets the backend channel (SET_BACKEND_REQ_FD).
+    /// Sets the backend channel (SET_BACKEND_REQ_FD). The channel is made non-blocking: workers
+    /// send on it, and a frontend that does not read it must not stop a worker, or the control
+    /// thread would wait forever to quiesce the device. A message that finds it full is dropped.
     pub fn set_channel(&self, sock: Option<UnixStream>) {
+        if let Some(Err(e)) = sock.as_ref().map(|s| s.set_nonblocking(true)) {
+            log::warn!("cannot make the backend channel non-blocking: {e}");
+        }
         *self.channel.lock().unwrap_or_else(|p| p.into_inner()) = sock;
     }
 

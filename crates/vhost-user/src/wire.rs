@@ -4,11 +4,15 @@
 //! parsed here. Everything read from the socket is untrusted: sizes are capped before anything is
 //! allocated, and file descriptors arrive as owned handles that close themselves when a message is
 //! refused.
+//!
+//! The backend reads and writes with a cancel fd (its shutdown eventfd): a frontend that stops in
+//! the middle of a message, or stops reading replies, cannot keep it from shutting down.
 
 use std::io::{IoSlice, IoSliceMut, Read};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::socket::{recvmsg, sendmsg, ControlMessage, ControlMessageOwned, MsgFlags};
 use vm_memory::ByteValued;
 
@@ -16,6 +20,10 @@ use vm_memory::ByteValued;
 pub const MAX_PAYLOAD: usize = 0x1000;
 /// The most file descriptors one message may carry.
 pub const MAX_FDS: usize = 32;
+/// The most file descriptors the kernel passes in one message (Linux's SCM_MAX_FD). Room for
+/// this many is made when receiving: on a truncated control message the kernel has installed
+/// the fds that fit, which could then not be collected (nix refuses to parse it) and would leak.
+const SCM_MAX_FD: usize = 253;
 
 const VERSION: u32 = 0x1;
 const VERSION_MASK: u32 = 0x3;
@@ -54,6 +62,9 @@ pub enum WireError {
     /// More file descriptors than a message may carry were sent.
     #[error("the frontend sent more than {MAX_FDS} file descriptors")]
     TooManyFds,
+    /// The cancel fd became readable while a message was awaited or could not be sent.
+    #[error("cancelled while waiting for the peer")]
+    Cancelled,
     /// A socket error.
     #[error("socket error")]
     Io(#[source] std::io::Error),
@@ -139,8 +150,18 @@ pub fn parse_prefix<T: ByteValued + Default>(bytes: &[u8]) -> Option<T> {
 /// Receives one message. File descriptors are accepted only with the first bytes of the header,
 /// as the spec says a frontend sends them.
 pub fn recv_message(sock: &UnixStream) -> Result<Message, WireError> {
+    recv_message_until(sock, None)
+}
+
+/// As [`recv_message`], but fails with [`WireError::Cancelled`] once `cancel` is readable while
+/// the message is awaited.
+pub fn recv_message_until(
+    sock: &UnixStream,
+    cancel: Option<BorrowedFd<'_>>,
+) -> Result<Message, WireError> {
+    wait_ready(sock, PollFlags::POLLIN, cancel)?;
     let mut hdr = [0u8; Header::SIZE];
-    let mut cmsg = nix::cmsg_space!([RawFd; MAX_FDS]);
+    let mut cmsg = nix::cmsg_space!([RawFd; SCM_MAX_FD]);
     let (got, fds, truncated) = {
         let mut iov = [IoSliceMut::new(&mut hdr)];
         let msg = loop {
@@ -166,14 +187,15 @@ pub fn recv_message(sock: &UnixStream) -> Result<Message, WireError> {
         }
         (msg.bytes, fds, msg.flags.contains(MsgFlags::MSG_CTRUNC))
     };
-    if truncated {
+    // Any fds received are owned by `fds` and closed when it drops.
+    if truncated || fds.len() > MAX_FDS {
         return Err(WireError::TooManyFds);
     }
     if got == 0 {
         return Err(WireError::Disconnected);
     }
     let mut filled = got;
-    read_rest(sock, &mut hdr, &mut filled)?;
+    read_rest(sock, &mut hdr, &mut filled, cancel)?;
     let header = Header::from_bytes(&hdr);
     if header.flags & VERSION_MASK != VERSION
         || header.flags & REPLY != 0
@@ -191,7 +213,7 @@ pub fn recv_message(sock: &UnixStream) -> Result<Message, WireError> {
     }
     let mut payload = vec![0u8; header.size as usize];
     let mut filled = 0;
-    read_rest(sock, &mut payload, &mut filled)?;
+    read_rest(sock, &mut payload, &mut filled, cancel)?;
     Ok(Message {
         header,
         payload,
@@ -199,8 +221,14 @@ pub fn recv_message(sock: &UnixStream) -> Result<Message, WireError> {
     })
 }
 
-fn read_rest(mut sock: &UnixStream, buf: &mut [u8], filled: &mut usize) -> Result<(), WireError> {
+fn read_rest(
+    mut sock: &UnixStream,
+    buf: &mut [u8],
+    filled: &mut usize,
+    cancel: Option<BorrowedFd<'_>>,
+) -> Result<(), WireError> {
     while *filled < buf.len() {
+        wait_ready(sock, PollFlags::POLLIN, cancel)?;
         match sock.read(&mut buf[*filled..]) {
             Ok(0) => {
                 return Err(WireError::Truncated {
@@ -214,6 +242,52 @@ fn read_rest(mut sock: &UnixStream, buf: &mut [u8], filled: &mut usize) -> Resul
         }
     }
     Ok(())
+}
+
+/// Waits until `sock` is ready for `events`, or fails with [`WireError::Cancelled`] once `cancel`
+/// is readable. Without a cancel fd it returns at once: the I/O that follows blocks instead.
+fn wait_ready(
+    sock: &UnixStream,
+    events: PollFlags,
+    cancel: Option<BorrowedFd<'_>>,
+) -> Result<(), WireError> {
+    let Some(cancel) = cancel else {
+        return Ok(());
+    };
+    loop {
+        let mut fds = [
+            PollFd::new(sock.as_fd(), events),
+            PollFd::new(cancel, PollFlags::POLLIN),
+        ];
+        match poll(&mut fds, PollTimeout::NONE) {
+            Ok(_) => {}
+            Err(nix::Error::EINTR) => continue,
+            Err(e) => return Err(e.into()),
+        }
+        let ready = |f: &PollFd| f.revents().is_some_and(|r| !r.is_empty());
+        if ready(&fds[1]) {
+            return Err(WireError::Cancelled);
+        }
+        if ready(&fds[0]) {
+            return Ok(());
+        }
+    }
+}
+
+/// Sends a reply without file descriptors, failing with [`WireError::Cancelled`] once `cancel`
+/// is readable while the socket has no room for it.
+pub fn send_reply_until(
+    sock: &UnixStream,
+    request: u32,
+    payload: &[u8],
+    cancel: BorrowedFd<'_>,
+) -> Result<(), WireError> {
+    let header = Header {
+        request,
+        flags: VERSION | REPLY,
+        size: payload.len() as u32,
+    };
+    send(sock, header, payload, &[], Some(cancel))
 }
 
 /// Sends a message (a reply when `reply` is set) with optional file descriptors.
@@ -236,11 +310,28 @@ pub fn send_message(
         request,
         flags,
         size: payload.len() as u32,
-    }
-    .to_bytes();
+    };
+    send(sock, header, payload, fds, None)
+}
+
+fn send(
+    sock: &UnixStream,
+    header: Header,
+    payload: &[u8],
+    fds: &[RawFd],
+    cancel: Option<BorrowedFd<'_>>,
+) -> Result<(), WireError> {
+    let header = header.to_bytes();
     let total = header.len() + payload.len();
+    // With a cancel fd, the socket is waited for with poll and written without blocking.
+    let flags = if cancel.is_some() {
+        MsgFlags::MSG_NOSIGNAL | MsgFlags::MSG_DONTWAIT
+    } else {
+        MsgFlags::MSG_NOSIGNAL
+    };
     let mut sent = 0;
     while sent < total {
+        wait_ready(sock, PollFlags::POLLOUT, cancel)?;
         let (h, p) = if sent < header.len() {
             (&header[sent..], payload)
         } else {
@@ -253,9 +344,10 @@ pub fn send_message(
         } else {
             &[]
         };
-        match sendmsg::<()>(sock.as_raw_fd(), &iov, cmsgs, MsgFlags::MSG_NOSIGNAL, None) {
+        match sendmsg::<()>(sock.as_raw_fd(), &iov, cmsgs, flags, None) {
             Ok(n) => sent += n,
             Err(nix::Error::EINTR) => {}
+            Err(nix::Error::EAGAIN) if cancel.is_some() => {}
             Err(e) => return Err(e.into()),
         }
     }
@@ -308,6 +400,49 @@ mod tests {
         drop(a);
         assert!(matches!(recv_message(&b), Err(WireError::Truncated { .. })));
         assert!(matches!(recv_message(&b), Err(WireError::Disconnected)));
+    }
+
+    #[test]
+    fn more_fds_than_a_message_may_carry_are_refused() {
+        let (a, b) = UnixStream::pair().unwrap();
+        let f = std::fs::File::open("/dev/null").unwrap();
+        let fds = vec![f.as_raw_fd(); MAX_FDS + 1];
+        send_message(&a, 3, false, false, &[], &fds).unwrap();
+        assert!(matches!(recv_message(&b), Err(WireError::TooManyFds)));
+    }
+
+    /// Makes `cancel`'s peer readable after a while, from another thread.
+    fn cancel_later() -> (UnixStream, std::thread::JoinHandle<()>) {
+        let (cancel, trigger) = UnixStream::pair().unwrap();
+        let t = std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            (&trigger).write_all(&[1]).unwrap();
+        });
+        (cancel, t)
+    }
+
+    #[test]
+    fn a_cancel_fd_ends_the_wait_for_a_stalled_message() {
+        let (a, b) = UnixStream::pair().unwrap();
+        // Half a header, and nothing more.
+        (&a).write_all(&[1, 0, 0, 0, 1, 0]).unwrap();
+        let (cancel, t) = cancel_later();
+        let r = recv_message_until(&b, Some(cancel.as_fd()));
+        assert!(matches!(r, Err(WireError::Cancelled)), "{r:?}");
+        t.join().unwrap();
+    }
+
+    #[test]
+    fn a_cancel_fd_ends_the_wait_for_room_to_reply() {
+        let (_a, b) = UnixStream::pair().unwrap();
+        // The peer never reads: fill the socket.
+        b.set_nonblocking(true).unwrap();
+        while (&b).write(&[0; 4096]).is_ok() {}
+        b.set_nonblocking(false).unwrap();
+        let (cancel, t) = cancel_later();
+        let r = send_reply_until(&b, 1, &[0; 8], cancel.as_fd());
+        assert!(matches!(r, Err(WireError::Cancelled)), "{r:?}");
+        t.join().unwrap();
     }
 
     #[test]

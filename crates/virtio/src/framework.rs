@@ -3,10 +3,10 @@
 //!
 //! A transport translates its messages into calls on a [`Framework`]; the framework decides when
 //! the device runs. The rule is one and simple: the device runs with exactly the queues that are
-//! started (have a kick), enabled and valid, once guest memory and features are set (and, where
-//! the transport says so, once the driver has set DRIVER_OK). Any change to a queue the device is
-//! using goes through quiesce → change → activate, so a device never sees a queue change under it
-//! and no request is ever half done when the change happens.
+//! started (have a kick), enabled, given their addresses and valid, once guest memory and features
+//! are set (and, where the transport says so, once the driver has set DRIVER_OK). Any change to a
+//! queue the device is using goes through quiesce → change → activate, so a device never sees a
+//! queue change under it and no request is ever half done when the change happens.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -89,6 +89,10 @@ struct QueueSlot {
     config: QueueConfig,
     kick: Option<EventFd>,
     enabled: bool,
+    /// The driver has set the ring addresses. Until it has, the addresses in `config` are the
+    /// reset value 0, which is a valid GPA: a queue started then would read the driver's memory
+    /// at GPA 0 as rings and write a used ring there.
+    addressed: bool,
 }
 
 impl QueueSlot {
@@ -97,6 +101,7 @@ impl QueueSlot {
             config: QueueConfig::new(max_size),
             kick: None,
             enabled: false,
+            addressed: false,
         }
     }
 }
@@ -353,6 +358,7 @@ impl Framework {
             slot.config.desc_table = desc_table;
             slot.config.avail_ring = avail_ring;
             slot.config.used_ring = used_ring;
+            slot.addressed = true;
             Ok(())
         })
     }
@@ -568,7 +574,8 @@ impl Framework {
         let mem = memory.memory();
         let mut queues = Vec::new();
         for (i, slot) in self.queues.iter().enumerate() {
-            let (Some(kick), true) = (&slot.kick, slot.enabled) else {
+            // A queue runs once it has a kick, is enabled and has its addresses.
+            let (Some(kick), true, true) = (&slot.kick, slot.enabled, slot.addressed) else {
                 continue;
             };
             let queue = match slot.config.build(&mem, event_idx) {

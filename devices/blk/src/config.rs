@@ -26,6 +26,41 @@ pub const MAX_SEGMENTS: u32 = 1024;
 /// The length of the serial number returned by `VIRTIO_BLK_T_GET_ID`.
 pub const SERIAL_LEN: usize = VIRTIO_BLK_ID_BYTES as usize;
 
+/// The guest-visible device generations this build can present, oldest first
+/// ([`BlkConfig::compat_version`]).
+///
+/// A compat version fixes what the driver sees (feature bits and configuration space) and the
+/// compat version written into saved state, so that a device started with `--compat-version N`
+/// on a newer build is indistinguishable from one on the build that introduced N, and its state
+/// loads there. A version is never changed once released; a new guest-visible feature is a new
+/// version.
+///
+/// - **1**: SIZE_MAX, SEG_MAX, BLK_SIZE, TOPOLOGY, FLUSH, CONFIG_WCE, RO (read-only devices) and MQ
+///   (several queues). The discard and write-zeroes fields of the configuration space read as
+///   zero.
+/// - **2**: version 1 plus DISCARD and WRITE_ZEROES (each unless disabled or read-only).
+pub const COMPAT_VERSIONS: [u16; 2] = [1, 2];
+
+/// The compat version a device presents unless told otherwise: the newest.
+pub const DEFAULT_COMPAT_VERSION: u16 = 2;
+
+/// The device-specific features compat version `version` may offer (before the configuration
+/// removes those it does not want).
+fn compat_features(version: u16) -> u64 {
+    let v1 = bit(VIRTIO_BLK_F_SIZE_MAX)
+        | bit(VIRTIO_BLK_F_SEG_MAX)
+        | bit(VIRTIO_BLK_F_BLK_SIZE)
+        | bit(VIRTIO_BLK_F_TOPOLOGY)
+        | bit(VIRTIO_BLK_F_FLUSH)
+        | bit(VIRTIO_BLK_F_CONFIG_WCE)
+        | bit(VIRTIO_BLK_F_RO)
+        | bit(VIRTIO_BLK_F_MQ);
+    match version {
+        1 => v1,
+        _ => v1 | bit(VIRTIO_BLK_F_DISCARD) | bit(VIRTIO_BLK_F_WRITE_ZEROES),
+    }
+}
+
 /// Where the device's blocks live.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum StorageConfig {
@@ -118,13 +153,15 @@ pub struct BlkConfig {
     pub write_zeroes: RangeCommandConfig,
     /// Whether write zeroes with the unmap flag may deallocate the range.
     pub write_zeroes_may_unmap: bool,
+    /// The guest-visible device generation (one of [`COMPAT_VERSIONS`]); see there.
+    pub compat_version: u16,
 }
 
 impl BlkConfig {
     /// A configuration for `storage` with the defaults: io_uring, read-write, buffered, one
     /// queue of 256 entries, an empty serial, one thread per queue, no polling, writeback,
     /// 512-byte logical and 4 KiB physical blocks, up to 254 segments of up to 1 MiB, discard
-    /// and write zeroes on.
+    /// and write zeroes on, the newest compat version.
     pub fn new(storage: StorageConfig) -> Self {
         BlkConfig {
             storage,
@@ -144,6 +181,7 @@ impl BlkConfig {
             discard: RangeCommandConfig::default(),
             write_zeroes: RangeCommandConfig::default(),
             write_zeroes_may_unmap: true,
+            compat_version: DEFAULT_COMPAT_VERSION,
         }
     }
 
@@ -179,6 +217,7 @@ pub(crate) struct DeviceSpec {
     pub discard: Option<RangeLimit>,
     pub write_zeroes: Option<RangeLimit>,
     pub write_zeroes_may_unmap: bool,
+    pub compat_version: u16,
 }
 
 fn invalid(field: &'static str, reason: String) -> BlkError {
@@ -259,6 +298,25 @@ impl DeviceSpec {
                 format!("{} is below 4096 bytes", config.size_max),
             ));
         }
+        if !COMPAT_VERSIONS.contains(&config.compat_version) {
+            return Err(invalid(
+                "compat_version",
+                format!(
+                    "{} is not one of {COMPAT_VERSIONS:?}",
+                    config.compat_version
+                ),
+            ));
+        }
+        // Commands a compat version does not have are off, whatever the configuration says.
+        let has = |f: u32| compat_features(config.compat_version) & bit(f) != 0;
+        let discard = match has(VIRTIO_BLK_F_DISCARD) {
+            true => range_limit("discard", &config.discard, config.read_only)?,
+            false => None,
+        };
+        let write_zeroes = match has(VIRTIO_BLK_F_WRITE_ZEROES) {
+            true => range_limit("write_zeroes", &config.write_zeroes, config.read_only)?,
+            false => None,
+        };
         let threads = config
             .threads
             .map_or(usize::from(config.num_queues), NonZeroUsize::get)
@@ -276,9 +334,10 @@ impl DeviceSpec {
             physical_block_size: pbs,
             seg_max: config.seg_max,
             size_max: config.size_max,
-            discard: range_limit("discard", &config.discard, config.read_only)?,
-            write_zeroes: range_limit("write_zeroes", &config.write_zeroes, config.read_only)?,
+            discard,
+            write_zeroes,
             write_zeroes_may_unmap: config.write_zeroes_may_unmap,
+            compat_version: config.compat_version,
         })
     }
 
@@ -302,7 +361,7 @@ impl DeviceSpec {
         if self.write_zeroes.is_some() {
             f |= bit(VIRTIO_BLK_F_WRITE_ZEROES);
         }
-        f
+        f & compat_features(self.compat_version)
     }
 
     /// The limits requests are checked against, given the features the driver acknowledged:
@@ -328,11 +387,19 @@ impl DeviceSpec {
         }
     }
 
-    /// The configuration space with the current `writeback` field.
+    /// The configuration space with the current `writeback` field. The fields of commands the
+    /// compat version does not have read as zero.
     pub fn config_space(&self, writeback: bool) -> ConfigSpace {
         let ratio = self.physical_block_size / self.block_size;
         let discard = self.discard.unwrap_or_default();
         let write_zeroes = self.write_zeroes.unwrap_or_default();
+        let has = |f: u32| compat_features(self.compat_version) & bit(f) != 0;
+        let discard_sector_alignment = match has(VIRTIO_BLK_F_DISCARD) {
+            true => self.physical_block_size / SECTOR_SIZE as u32,
+            false => 0,
+        };
+        let write_zeroes_may_unmap =
+            has(VIRTIO_BLK_F_WRITE_ZEROES) && self.write_zeroes_may_unmap;
         ConfigSpace {
             capacity: self.capacity.to_le(),
             size_max: self.size_max.to_le(),
@@ -352,10 +419,10 @@ impl DeviceSpec {
             num_queues: self.num_queues.to_le(),
             max_discard_sectors: discard.max_sectors.to_le(),
             max_discard_seg: discard.max_segments.to_le(),
-            discard_sector_alignment: (self.physical_block_size / SECTOR_SIZE as u32).to_le(),
+            discard_sector_alignment: discard_sector_alignment.to_le(),
             max_write_zeroes_sectors: write_zeroes.max_sectors.to_le(),
             max_write_zeroes_seg: write_zeroes.max_segments.to_le(),
-            write_zeroes_may_unmap: u8::from(self.write_zeroes_may_unmap),
+            write_zeroes_may_unmap: u8::from(write_zeroes_may_unmap),
             unused1: [0; 3],
         }
     }
@@ -479,8 +546,32 @@ mod tests {
     }
 
     #[test]
+    fn compat_version_1_has_no_discard_or_write_zeroes() {
+        let mut config = BlkConfig::null(1 << 20);
+        let v2 = spec(&config);
+        config.compat_version = 1;
+        let v1 = spec(&config);
+        let range_cmds = bit(VIRTIO_BLK_F_DISCARD) | bit(VIRTIO_BLK_F_WRITE_ZEROES);
+        assert_eq!(v2.features() & range_cmds, range_cmds);
+        assert_eq!(v1.features() & range_cmds, 0);
+        assert_eq!(v1.features(), v2.features() & !range_cmds);
+        assert!(v1.request_limits(u64::MAX).discard.is_none());
+        assert!(v1.request_limits(u64::MAX).write_zeroes.is_none());
+        let s1 = v1.config_space(true);
+        let s2 = v2.config_space(true);
+        assert_eq!(s1.as_slice()[..36], s2.as_slice()[..36], "fields before discard agree");
+        assert!(s1.as_slice()[36..].iter().all(|&b| b == 0), "{:?}", &s1.as_slice()[36..]);
+        assert!(s2.as_slice()[36..].iter().any(|&b| b != 0));
+        config.num_queues = 2;
+        config.read_only = true;
+        let f = spec(&config).features();
+        assert_ne!(f & bit(VIRTIO_BLK_F_MQ), 0);
+        assert_ne!(f & bit(VIRTIO_BLK_F_RO), 0);
+    }
+
+    #[test]
     fn invalid_configurations_are_refused() {
-        let bad: [fn(&mut BlkConfig); 7] = [
+        let bad: [fn(&mut BlkConfig); 9] = [
             |c| c.queue_size = 100,
             |c| c.num_queues = 0,
             |c| c.serial = "x".repeat(21),
@@ -488,6 +579,8 @@ mod tests {
             |c| c.physical_block_size = 256,
             |c| c.seg_max = 0,
             |c| c.size_max = 512,
+            |c| c.compat_version = 0,
+            |c| c.compat_version = 3,
         ];
         for (i, f) in bad.iter().enumerate() {
             let mut config = BlkConfig::null(1 << 20);

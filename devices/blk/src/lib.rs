@@ -33,7 +33,10 @@ use outboard_virtio::{Activation, ActiveQueue, DeviceError, DeviceType, VirtioDe
 use virtio_bindings::virtio_blk::{VIRTIO_BLK_F_CONFIG_WCE, VIRTIO_BLK_F_FLUSH};
 use vm_memory::ByteValued;
 
-pub use config::{BlkConfig, EngineKind, RangeCommandConfig, StorageConfig, MAX_SEGMENTS};
+pub use config::{
+    BlkConfig, EngineKind, RangeCommandConfig, StorageConfig, COMPAT_VERSIONS,
+    DEFAULT_COMPAT_VERSION, MAX_SEGMENTS,
+};
 pub use request::{
     locate_status, BlkRequest, RangeLimit, RequestError, RequestKind, RequestLimits, SectorRange,
     Segment, SECTOR_SIZE,

@@ -163,6 +163,11 @@ impl BlkQueue {
         &self.slots[usize::from(slot)].data
     }
 
+    /// The guest-physical address of `slot`'s status byte (which the device writes).
+    pub fn slot_status_gpa(&self, slot: u16) -> u64 {
+        self.slots[usize::from(slot)].hdr.gpa() + STATUS_OFFSET as u64
+    }
+
     /// A free slot, if any (it stays free until submitted).
     pub fn free_slot(&self) -> Option<u16> {
         self.free_slots.last().copied()

@@ -1,0 +1,549 @@
+//! An in-process L2 switch between the virtio-net devices one process serves.
+//!
+//! Each port is a [`PacketBackend`] with one bounded ingress queue per queue pair. A frame a
+//! port transmits is forwarded by destination MAC address: to the port that address was last
+//! seen on (learned from source addresses), or flooded to every other port when it is
+//! broadcast, multicast or unknown. Each receiving device then applies its own receive filter
+//! and offload fixups, so ports that negotiated different offloads can talk.
+//!
+//! Nothing blocks: a queue that is full (its driver is slow or posts no buffers) drops what
+//! arrives and counts it, so a slow port never holds up the others. The learning table is
+//! bounded too; a full table learns nothing new until entries age out.
+
+use std::collections::{HashMap, VecDeque};
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use super::{BackendError, PacketBackend, PacketQueue};
+use crate::config::{MacAddress, Offloads, ETH_HLEN, MAX_QUEUE_PAIRS};
+use crate::hdr::HDR_LEN;
+
+/// The sizes of the switch's queues and tables.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SwitchConfig {
+    /// Packets each ingress queue (one per port and queue pair) holds before it drops.
+    pub queue_capacity: usize,
+    /// MAC addresses the learning table holds.
+    pub table_capacity: usize,
+    /// How long a learned address stays without being seen again.
+    pub aging: Duration,
+}
+
+impl Default for SwitchConfig {
+    fn default() -> Self {
+        SwitchConfig {
+            queue_capacity: 1024,
+            table_capacity: 4096,
+            aging: Duration::from_secs(300),
+        }
+    }
+}
+
+/// Counters of one port.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PortStats {
+    /// Frames queued for this port.
+    pub delivered: u64,
+    /// Frames dropped because this port's queue was full.
+    pub dropped_full: u64,
+    /// Frames dropped because no queue pair of this port was enabled.
+    pub dropped_down: u64,
+    /// Frames this port sent that could not be forwarded (runts, to itself).
+    pub dropped_invalid: u64,
+}
+
+#[derive(Debug, Default)]
+struct PortCounters {
+    delivered: AtomicU64,
+    dropped_full: AtomicU64,
+    dropped_down: AtomicU64,
+    dropped_invalid: AtomicU64,
+}
+
+#[derive(Debug)]
+struct Ingress {
+    packets: Mutex<VecDeque<Vec<u8>>>,
+    /// Readable while `packets` is not empty.
+    ready: EventFd,
+}
+
+#[derive(Debug)]
+struct Port {
+    pairs: Vec<Ingress>,
+    /// Bit `i`: queue pair `i` receives.
+    enabled: AtomicU64,
+    counters: PortCounters,
+}
+
+#[derive(Debug)]
+struct Learned {
+    port: usize,
+    seen: Instant,
+}
+
+#[derive(Debug)]
+struct SwitchInner {
+    ports: Vec<Port>,
+    table: Mutex<HashMap<MacAddress, Learned>>,
+    config: SwitchConfig,
+}
+
+/// The switch. See the module documentation.
+#[derive(Clone, Debug)]
+pub struct Switch {
+    inner: Arc<SwitchInner>,
+}
+
+fn mac_at(frame: &[u8], offset: usize) -> MacAddress {
+    let mut m = [0u8; 6];
+    m.copy_from_slice(&frame[offset..offset + 6]);
+    MacAddress(m)
+}
+
+/// FNV-1a over the fields that identify a flow: the IP addresses and, for TCP and UDP, the
+/// ports; the MAC addresses for anything else. Packets of one flow land on one queue pair.
+fn flow_hash(frame: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut eat = |bytes: &[u8]| {
+        for &b in bytes {
+            h ^= u64::from(b);
+            h = h.wrapping_mul(0x100_0000_01b3);
+        }
+    };
+    let mut l3 = ETH_HLEN;
+    let mut ethertype = u16::from_be_bytes([frame[12], frame[13]]);
+    if ethertype == 0x8100 && frame.len() >= ETH_HLEN + 4 {
+        ethertype = u16::from_be_bytes([frame[16], frame[17]]);
+        l3 += 4;
+    }
+    let ip = &frame[l3.min(frame.len())..];
+    let (addrs, proto, l4) = match ethertype {
+        0x0800 if ip.len() >= 20 => {
+            let ihl = usize::from(ip[0] & 0x0f) * 4;
+            let fragment = u16::from_be_bytes([ip[6], ip[7]]) & 0x3fff != 0;
+            (&ip[12..20], if fragment { 0 } else { ip[9] }, ihl)
+        }
+        0x86dd if ip.len() >= 40 => (&ip[8..40], ip[6], 40),
+        _ => {
+            eat(&frame[..12]);
+            return h;
+        }
+    };
+    eat(addrs);
+    if matches!(proto, 6 | 17) && ip.len() >= l4 + 4 {
+        eat(&ip[l4..l4 + 4]);
+    }
+    h
+}
+
+impl Switch {
+    /// A switch of `ports` ports with `pairs` queue pairs each.
+    pub fn new(ports: usize, pairs: u16, config: SwitchConfig) -> Result<Self, BackendError> {
+        let unusable = |reason: String| BackendError::Unusable {
+            what: "switch".into(),
+            reason,
+        };
+        if pairs == 0 || pairs > MAX_QUEUE_PAIRS {
+            return Err(unusable(format!("{pairs} queue pairs (1..={MAX_QUEUE_PAIRS})")));
+        }
+        if config.queue_capacity == 0 || config.table_capacity == 0 {
+            return Err(unusable("queue and table capacities must be nonzero".into()));
+        }
+        let mut all = Vec::with_capacity(ports);
+        for p in 0..ports {
+            let mut ingress = Vec::with_capacity(usize::from(pairs));
+            for i in 0..pairs {
+                let ready = EventFd::new(EFD_NONBLOCK).map_err(|source| BackendError::Io {
+                    operation: "creating an eventfd",
+                    what: format!("switch port {p} queue {i}"),
+                    source,
+                })?;
+                ingress.push(Ingress {
+                    packets: Mutex::new(VecDeque::new()),
+                    ready,
+                });
+            }
+            all.push(Port {
+                pairs: ingress,
+                enabled: AtomicU64::new(0),
+                counters: PortCounters::default(),
+            });
+        }
+        Ok(Switch {
+            inner: Arc::new(SwitchInner {
+                ports: all,
+                table: Mutex::new(HashMap::new()),
+                config,
+            }),
+        })
+    }
+
+    /// The number of ports.
+    pub fn ports(&self) -> usize {
+        self.inner.ports.len()
+    }
+
+    /// The backend of port `index` (a device's packet backend).
+    pub fn port(&self, index: usize) -> SwitchPort {
+        assert!(index < self.ports(), "switch port {index} does not exist");
+        SwitchPort {
+            inner: self.inner.clone(),
+            index,
+        }
+    }
+
+    /// The counters of port `index`.
+    pub fn port_stats(&self, index: usize) -> PortStats {
+        let c = &self.inner.ports[index].counters;
+        PortStats {
+            delivered: c.delivered.load(Ordering::Relaxed),
+            dropped_full: c.dropped_full.load(Ordering::Relaxed),
+            dropped_down: c.dropped_down.load(Ordering::Relaxed),
+            dropped_invalid: c.dropped_invalid.load(Ordering::Relaxed),
+        }
+    }
+
+    /// The port `mac` was learned on, if any.
+    pub fn lookup(&self, mac: MacAddress) -> Option<usize> {
+        let table = self.inner.table.lock().unwrap_or_else(PoisonError::into_inner);
+        table.get(&mac).map(|l| l.port)
+    }
+}
+
+impl SwitchInner {
+    /// Learns where `batch`'s sources are and queues each frame for its destination port(s).
+    fn forward(&self, from: usize, batch: &mut Vec<Vec<u8>>) {
+        let mut out: Vec<(usize, Vec<u8>)> = Vec::with_capacity(batch.len());
+        {
+            let mut table = self.table.lock().unwrap_or_else(PoisonError::into_inner);
+            let now = Instant::now();
+            for packet in batch.drain(..) {
+                if packet.len() < HDR_LEN + ETH_HLEN {
+                    self.ports[from].counters.dropped_invalid.fetch_add(1, Ordering::Relaxed);
+                    continue;
+                }
+                let frame = &packet[HDR_LEN..];
+                let src = mac_at(frame, 6);
+                if !src.is_multicast() {
+                    self.learn(&mut table, src, from, now);
+                }
+                let dst = mac_at(frame, 0);
+                let known = if dst.is_multicast() {
+                    None
+                } else {
+                    table
+                        .get(&dst)
+                        .filter(|l| now.duration_since(l.seen) < self.config.aging)
+                        .map(|l| l.port)
+                };
+                match known {
+                    Some(port) if port == from => {
+                        self.ports[from].counters.dropped_invalid.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Some(port) => out.push((port, packet)),
+                    None => {
+                        let mut targets = Vec::with_capacity(self.ports.len());
+                        for (p, port) in self.ports.iter().enumerate() {
+                            if p == from {
+                                continue;
+                            }
+                            if port.enabled.load(Ordering::Relaxed) == 0 {
+                                port.counters.dropped_down.fetch_add(1, Ordering::Relaxed);
+                            } else {
+                                targets.push(p);
+                            }
+                        }
+                        if let Some((&last, rest)) = targets.split_last() {
+                            for &p in rest {
+                                out.push((p, packet.clone()));
+                            }
+                            out.push((last, packet));
+                        }
+                    }
+                }
+            }
+        }
+        for (port, packet) in out {
+            self.deliver(port, packet);
+        }
+    }
+
+    fn learn(&self, table: &mut HashMap<MacAddress, Learned>, mac: MacAddress, port: usize, now: Instant) {
+        if let Some(entry) = table.get_mut(&mac) {
+            entry.port = port;
+            entry.seen = now;
+            return;
+        }
+        if table.len() >= self.config.table_capacity {
+            let aging = self.config.aging;
+            table.retain(|_, l| now.duration_since(l.seen) < aging);
+            if table.len() >= self.config.table_capacity {
+                return;
+            }
+        }
+        table.insert(mac, Learned { port, seen: now });
+    }
+
+    /// Queues `packet` on one of `port`'s enabled queue pairs, chosen by flow.
+    fn deliver(&self, port: usize, packet: Vec<u8>) {
+        let p = &self.ports[port];
+        let mask = p.enabled.load(Ordering::Acquire);
+        if mask == 0 {
+            p.counters.dropped_down.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        let k = flow_hash(&packet[HDR_LEN..]) % u64::from(mask.count_ones());
+        let mut bits = mask;
+        for _ in 0..k {
+            bits &= bits - 1;
+        }
+        let pair = bits.trailing_zeros() as usize;
+        let ingress = &p.pairs[pair];
+        let mut queue = ingress.packets.lock().unwrap_or_else(PoisonError::into_inner);
+        if queue.len() >= self.config.queue_capacity {
+            p.counters.dropped_full.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        queue.push_back(packet);
+        p.counters.delivered.fetch_add(1, Ordering::Relaxed);
+        if queue.len() == 1 {
+            if let Err(e) = ingress.ready.write(1) {
+                log::error!("switch port {port} queue {pair}: cannot signal a packet: {e}");
+            }
+        }
+    }
+}
+
+/// One port of a [`Switch`]: a device's packet backend.
+#[derive(Debug)]
+pub struct SwitchPort {
+    inner: Arc<SwitchInner>,
+    index: usize,
+}
+
+impl PacketBackend for SwitchPort {
+    fn name(&self) -> String {
+        format!("switch port {}", self.index)
+    }
+
+    fn offloads(&self) -> bool {
+        true
+    }
+
+    fn into_queues(self: Box<Self>) -> Vec<Box<dyn PacketQueue>> {
+        (0..self.inner.ports[self.index].pairs.len())
+            .map(|pair| {
+                Box::new(SwitchQueue {
+                    inner: self.inner.clone(),
+                    port: self.index,
+                    pair,
+                }) as Box<dyn PacketQueue>
+            })
+            .collect()
+    }
+}
+
+/// One queue pair of a switch port.
+#[derive(Debug)]
+struct SwitchQueue {
+    inner: Arc<SwitchInner>,
+    port: usize,
+    pair: usize,
+}
+
+impl SwitchQueue {
+    fn ingress(&self) -> &Ingress {
+        &self.inner.ports[self.port].pairs[self.pair]
+    }
+}
+
+impl PacketQueue for SwitchQueue {
+    fn ready_fd(&self) -> RawFd {
+        self.ingress().ready.as_raw_fd()
+    }
+
+    fn recv(&mut self, packet: &mut Vec<u8>) -> Result<bool, BackendError> {
+        let ingress = self.ingress();
+        let mut queue = ingress.packets.lock().unwrap_or_else(PoisonError::into_inner);
+        let Some(next) = queue.pop_front() else {
+            return Ok(false);
+        };
+        if queue.is_empty() {
+            // Not readable again until a packet arrives; a failure means it was not readable.
+            let _ = ingress.ready.read();
+        }
+        *packet = next;
+        Ok(true)
+    }
+
+    fn send(&mut self, batch: &mut Vec<Vec<u8>>) -> usize {
+        self.inner.forward(self.port, batch);
+        0
+    }
+
+    fn set_offloads(&mut self, _guest: Offloads) -> Result<(), BackendError> {
+        // The receiving device completes what its driver did not negotiate.
+        Ok(())
+    }
+
+    fn set_enabled(&mut self, enabled: bool) -> Result<(), BackendError> {
+        let port = &self.inner.ports[self.port];
+        let bit = 1u64 << self.pair;
+        if enabled {
+            port.enabled.fetch_or(bit, Ordering::AcqRel);
+        } else {
+            port.enabled.fetch_and(!bit, Ordering::AcqRel);
+            let ingress = self.ingress();
+            let mut queue = ingress.packets.lock().unwrap_or_else(PoisonError::into_inner);
+            port.counters
+                .dropped_down
+                .fetch_add(queue.len() as u64, Ordering::Relaxed);
+            queue.clear();
+            let _ = ingress.ready.read();
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn packet(dst: [u8; 6], src: [u8; 6], payload: u8) -> Vec<u8> {
+        let mut p = vec![0u8; HDR_LEN];
+        p.extend(dst);
+        p.extend(src);
+        p.extend([0x08, 0x06]);
+        p.resize(HDR_LEN + 60, payload);
+        p
+    }
+
+    const A: [u8; 6] = [0x52, 0x54, 0, 0, 0, 1];
+    const B: [u8; 6] = [0x52, 0x54, 0, 0, 0, 2];
+    const C: [u8; 6] = [0x52, 0x54, 0, 0, 0, 3];
+
+    fn queues(s: &Switch, port: usize) -> Vec<Box<dyn PacketQueue>> {
+        let mut q = Box::new(s.port(port)).into_queues();
+        for x in &mut q {
+            x.set_enabled(true).unwrap();
+        }
+        q
+    }
+
+    fn received(q: &mut Box<dyn PacketQueue>) -> Vec<Vec<u8>> {
+        let mut out = Vec::new();
+        let mut p = Vec::new();
+        while q.recv(&mut p).unwrap() {
+            out.push(std::mem::take(&mut p));
+        }
+        out
+    }
+
+    #[test]
+    fn unknown_destinations_flood_and_learned_ones_do_not() {
+        let s = Switch::new(3, 1, SwitchConfig::default()).unwrap();
+        let (mut a, mut b, mut c) = (queues(&s, 0), queues(&s, 1), queues(&s, 2));
+        a[0].send(&mut vec![packet(B, A, 1)]);
+        assert_eq!(received(&mut b[0]).len(), 1);
+        assert_eq!(received(&mut c[0]).len(), 1, "unknown destination: flooded");
+        assert!(received(&mut a[0]).is_empty(), "never back to the sender");
+        assert_eq!(s.lookup(MacAddress(A)), Some(0));
+        b[0].send(&mut vec![packet(A, B, 2)]);
+        assert_eq!(received(&mut a[0]), [packet(A, B, 2)]);
+        assert!(received(&mut c[0]).is_empty(), "A was learned");
+        a[0].send(&mut vec![packet(B, A, 3), packet([0xff; 6], A, 4)]);
+        assert_eq!(received(&mut b[0]).len(), 2);
+        assert_eq!(received(&mut c[0]), [packet([0xff; 6], A, 4)], "broadcast floods");
+    }
+
+    #[test]
+    fn a_full_queue_drops_without_blocking_the_sender() {
+        let config = SwitchConfig {
+            queue_capacity: 4,
+            ..SwitchConfig::default()
+        };
+        let s = Switch::new(2, 1, config).unwrap();
+        let (mut a, mut b) = (queues(&s, 0), queues(&s, 1));
+        let mut batch: Vec<Vec<u8>> = (0..10).map(|i| packet(B, A, i)).collect();
+        a[0].send(&mut batch);
+        assert!(batch.is_empty());
+        assert_eq!(received(&mut b[0]).len(), 4);
+        let stats = s.port_stats(1);
+        assert_eq!((stats.delivered, stats.dropped_full), (4, 6));
+    }
+
+    #[test]
+    fn the_ready_fd_follows_the_queue() {
+        let s = Switch::new(2, 1, SwitchConfig::default()).unwrap();
+        let (mut a, mut b) = (queues(&s, 0), queues(&s, 1));
+        let readable = |q: &Box<dyn PacketQueue>| {
+            let mut fds = [libc::pollfd {
+                fd: q.ready_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            }];
+            // SAFETY: poll reads and writes the one pollfd given, which outlives the call.
+            #[allow(unsafe_code)]
+            let n = unsafe { libc::poll(fds.as_mut_ptr(), 1, 0) };
+            n == 1
+        };
+        assert!(!readable(&b[0]));
+        a[0].send(&mut vec![packet(B, A, 1), packet(B, A, 2)]);
+        assert!(readable(&b[0]));
+        let mut p = Vec::new();
+        assert!(b[0].recv(&mut p).unwrap());
+        assert!(readable(&b[0]), "one packet left");
+        assert!(b[0].recv(&mut p).unwrap());
+        assert!(!readable(&b[0]));
+    }
+
+    #[test]
+    fn flows_spread_over_enabled_pairs_only() {
+        let s = Switch::new(2, 4, SwitchConfig::default()).unwrap();
+        let mut a = queues(&s, 0);
+        let mut b = queues(&s, 1);
+        b[1].set_enabled(false).unwrap();
+        b[3].set_enabled(false).unwrap();
+        let mut batch = Vec::new();
+        for port in 0..64u16 {
+            // IPv4/UDP frames with varying source ports.
+            let mut p = vec![0u8; HDR_LEN];
+            p.extend(B);
+            p.extend(A);
+            p.extend([0x08, 0x00, 0x45, 0, 0, 28, 0, 0, 0, 0, 64, 17, 0, 0, 10, 0, 0, 1, 10, 0, 0, 2]);
+            p.extend(port.to_be_bytes());
+            p.extend([0, 53, 0, 8, 0, 0]);
+            batch.push(p);
+        }
+        a[0].send(&mut batch);
+        let counts: Vec<usize> = b.iter_mut().map(|q| received(q).len()).collect();
+        assert_eq!(counts.iter().sum::<usize>(), 64);
+        assert_eq!((counts[1], counts[3]), (0, 0), "{counts:?}");
+        assert!(counts[0] > 0 && counts[2] > 0, "{counts:?}");
+        for q in &mut b {
+            q.set_enabled(false).unwrap();
+        }
+        a[0].send(&mut vec![packet(B, A, 1)]);
+        assert_eq!(s.port_stats(1).dropped_down, 1);
+    }
+
+    #[test]
+    fn the_learning_table_is_bounded() {
+        let config = SwitchConfig {
+            table_capacity: 2,
+            ..SwitchConfig::default()
+        };
+        let s = Switch::new(2, 1, config).unwrap();
+        let mut a = queues(&s, 0);
+        let _b = queues(&s, 1);
+        for i in 0..5u8 {
+            a[0].send(&mut vec![packet(C, [2, 0, 0, 0, 0, i], 0)]);
+        }
+        assert_eq!(s.lookup(MacAddress([2, 0, 0, 0, 0, 0])), Some(0));
+        assert_eq!(s.lookup(MacAddress([2, 0, 0, 0, 0, 4])), None);
+    }
+}

@@ -1,0 +1,501 @@
+//! The worker of one queue pair: transmits what the driver puts in the transmit queue and
+//! delivers what the packet backend receives into the receive queue.
+//!
+//! Transmit chains are parsed at the trust boundary (chain structure, size, `virtio_net_hdr`)
+//! and copied out whole before their used entry is published, so a quiesce never finds one half
+//! done. Received packets are validated, filtered, fixed up for the offloads the driver did not
+//! negotiate, and placed all or nothing.
+//!
+//! The worker's completion fd is a small epoll set of the handler's own, holding a wake-up
+//! eventfd and, while the driver has receive buffers, the backend's ready fd: when the buffers
+//! run out the backend fd is taken out of the set (the worker stops polling the TAP) until the
+//! driver kicks the receive queue.
+
+use std::collections::VecDeque;
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::{Arc, Mutex, PoisonError};
+
+use outboard_virtio::worker::QueueHandler;
+use outboard_virtio::{ActiveQueue, GuestMemoryMmap, Interrupt};
+use virtio_queue::{DescriptorChain, QueueT};
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::backend::PacketQueue;
+use crate::chain::{read_all, ChainBuffers};
+use crate::config::{Negotiated, Offloads, ETH_HLEN, MAX_GSO_PAYLOAD, VLAN_HLEN};
+use crate::filter::RxFilter;
+use crate::hdr::{GsoKind, NetHdr, VirtioNetHdr, HDR_LEN};
+use crate::offload::{complete_checksum, segment};
+use crate::rx::{place, Placement};
+use crate::shared::Shared;
+use crate::stats::{add, inc};
+
+/// Where a pair's backend queue lives while no worker runs it.
+pub(crate) type QueueSlot = Arc<Mutex<Option<Box<dyn PacketQueue>>>>;
+
+/// Packets delivered per call before the worker looks at its other events again.
+const RX_BATCH: usize = 256;
+/// Transmitted packets handed to the backend at once.
+const TX_BATCH: usize = 64;
+/// The largest frame with GSO: a 64 KiB IP packet behind an Ethernet header and a VLAN tag.
+const MAX_GSO_FRAME: usize = ETH_HLEN + VLAN_HLEN + MAX_GSO_PAYLOAD;
+/// Every offload a backend may hand over; what the driver did not negotiate is undone here.
+const ANY_OFFLOAD: Offloads = Offloads {
+    csum: true,
+    tso4: true,
+    tso6: true,
+    ecn: true,
+};
+
+const TOKEN_WAKE: u64 = 0;
+const TOKEN_BACKEND: u64 = 1;
+
+/// What a pair worker is given.
+#[derive(Debug)]
+pub(crate) struct PairSetup {
+    pub pair: u16,
+    pub shared: Arc<Shared>,
+    pub negotiated: Negotiated,
+    /// The largest frame without GSO.
+    pub max_frame: usize,
+    pub queue: Box<dyn PacketQueue>,
+    pub home: QueueSlot,
+    pub wake: EventFd,
+    /// Whether the backend queue is enabled now.
+    pub enabled: bool,
+    /// Whether the receive queue is among the worker's queues.
+    pub has_rx: bool,
+}
+
+/// See the module documentation.
+#[derive(Debug)]
+pub(crate) struct PairHandler {
+    pair: u16,
+    shared: Arc<Shared>,
+    negotiated: Negotiated,
+    max_frame: usize,
+    queue: Option<Box<dyn PacketQueue>>,
+    home: QueueSlot,
+    poller: Epoll,
+    wake: EventFd,
+    has_rx: bool,
+    enabled: bool,
+    armed: bool,
+    /// The driver had no receive buffers; set until it kicks the receive queue.
+    starved: bool,
+    /// The backend failed to receive; set until the next receive kick.
+    backend_failed: bool,
+    /// The receive ring is corrupt; the device needs a reset.
+    rx_broken: bool,
+    /// Received packets ready for the driver (more than one only after segmentation).
+    pending: VecDeque<Vec<u8>>,
+    incoming: Vec<u8>,
+    segments: Vec<Vec<u8>>,
+    tx_batch: Vec<Vec<u8>>,
+}
+
+impl PairHandler {
+    pub fn new(setup: PairSetup) -> std::io::Result<Self> {
+        let poller = Epoll::new()?;
+        poller.ctl(
+            ControlOperation::Add,
+            setup.wake.as_raw_fd(),
+            EpollEvent::new(EventSet::IN, TOKEN_WAKE),
+        )?;
+        Ok(PairHandler {
+            pair: setup.pair,
+            shared: setup.shared,
+            negotiated: setup.negotiated,
+            max_frame: setup.max_frame,
+            queue: Some(setup.queue),
+            home: setup.home,
+            poller,
+            wake: setup.wake,
+            has_rx: setup.has_rx,
+            enabled: setup.enabled,
+            armed: false,
+            starved: false,
+            backend_failed: false,
+            rx_broken: false,
+            pending: VecDeque::new(),
+            incoming: Vec::new(),
+            segments: Vec::new(),
+            tx_batch: Vec::new(),
+        })
+    }
+
+    fn rx_index(&self) -> u16 {
+        self.pair * 2
+    }
+
+    fn backend(&mut self) -> &mut dyn PacketQueue {
+        self.queue
+            .as_deref_mut()
+            .expect("the backend queue is present while the worker runs")
+    }
+
+    /// Polls the backend's ready fd exactly while the pair receives and the driver has buffers.
+    fn update_arm(&mut self) {
+        let want = self.has_rx && self.enabled && !self.starved && !self.backend_failed && !self.rx_broken;
+        if want == self.armed {
+            return;
+        }
+        let fd = self.backend().ready_fd();
+        let result = if want {
+            self.poller.ctl(
+                ControlOperation::Add,
+                fd,
+                EpollEvent::new(EventSet::IN, TOKEN_BACKEND),
+            )
+        } else {
+            self.poller
+                .ctl(ControlOperation::Delete, fd, EpollEvent::default())
+        };
+        match result {
+            Ok(()) => self.armed = want,
+            Err(e) => log::error!("virtio-net: pair {}: cannot (un)watch the backend: {e}", self.pair),
+        }
+    }
+
+    /// Follows the receive state: enables or disables the backend queue.
+    fn sync_enabled(&mut self, serves: bool) {
+        if serves == self.enabled {
+            return;
+        }
+        if let Err(e) = self.backend().set_enabled(serves) {
+            log::error!("virtio-net: pair {}: {e}", self.pair);
+        }
+        self.enabled = serves;
+        if !serves {
+            self.drop_pending();
+        }
+    }
+
+    fn drop_pending(&mut self) {
+        add(&self.shared.stats.rx_dropped, self.pending.len() as u64);
+        self.pending.clear();
+    }
+
+    /// Reads one packet from the backend and queues what the driver should get of it.
+    /// Returns false when the backend had nothing (or failed).
+    fn fetch(&mut self, filter: &RxFilter) -> bool {
+        let mut incoming = std::mem::take(&mut self.incoming);
+        let got = self.backend().recv(&mut incoming);
+        let result = match got {
+            Ok(true) => {
+                self.ingest(incoming, filter);
+                true
+            }
+            Ok(false) => {
+                self.incoming = incoming;
+                false
+            }
+            Err(e) => {
+                self.incoming = incoming;
+                inc(&self.shared.stats.rx_backend_errors);
+                log::warn!("virtio-net: pair {}: {e}; receiving again after the next kick", self.pair);
+                self.backend_failed = true;
+                false
+            }
+        };
+        self.update_arm();
+        result
+    }
+
+    /// Validates a received packet, and completes the offloads the driver did not negotiate.
+    fn ingest(&mut self, mut packet: Vec<u8>, filter: &RxFilter) {
+        let stats = &self.shared.stats;
+        if packet.len() < HDR_LEN + ETH_HLEN {
+            inc(&stats.rx_malformed);
+            return;
+        }
+        let (head, frame) = packet.split_at_mut(HDR_LEN);
+        let mut raw = [0u8; HDR_LEN];
+        raw.copy_from_slice(head);
+        let mut hdr = match NetHdr::parse(&VirtioNetHdr::from_bytes(&raw), frame.len(), ANY_OFFLOAD, true) {
+            Ok(h) => h,
+            Err(e) => {
+                log::debug!("virtio-net: pair {}: received packet refused: {e}", self.pair);
+                inc(&stats.rx_malformed);
+                return;
+            }
+        };
+        if !filter.accepts(frame) {
+            inc(&stats.rx_filtered);
+            return;
+        }
+        let guest = self.negotiated.guest;
+        if let Some(gso) = hdr.gso {
+            let supported = match gso.kind {
+                GsoKind::Tcp4 => guest.tso4,
+                GsoKind::Tcp6 => guest.tso6,
+            };
+            if !supported || (gso.ecn && !guest.ecn) {
+                match segment(frame, gso, &mut self.segments) {
+                    Ok(()) => {
+                        inc(&stats.rx_segmented);
+                        self.pending.extend(self.segments.drain(..));
+                    }
+                    Err(e) => {
+                        log::debug!("virtio-net: pair {}: cannot segment: {e}", self.pair);
+                        inc(&stats.rx_malformed);
+                    }
+                }
+                return;
+            }
+        }
+        if !guest.csum {
+            if let Some(csum) = hdr.csum.take() {
+                complete_checksum(frame, csum);
+            }
+            hdr.data_valid = false;
+        }
+        packet[..HDR_LEN].copy_from_slice(&hdr.to_wire(0).to_bytes());
+        self.pending.push_back(packet);
+    }
+
+    /// Delivers received packets while the driver has buffers.
+    fn receive(
+        &mut self,
+        rx: &mut ActiveQueue,
+        mem: &GuestMemoryMmap,
+        interrupt: &dyn Interrupt,
+    ) -> Result<(), virtio_queue::Error> {
+        if self.rx_broken {
+            return Ok(());
+        }
+        let shared = self.shared.clone();
+        let state = shared.rx();
+        self.sync_enabled(state.serves(self.pair));
+        if !self.enabled {
+            self.update_arm();
+            return Ok(());
+        }
+        if !self.starved {
+            rx.queue_mut().disable_notification(mem)?;
+        }
+        let mut used = 0usize;
+        let mut result = Ok(());
+        let stats = &shared.stats;
+        for _ in 0..RX_BATCH {
+            if self.pending.is_empty() {
+                if self.starved || !self.fetch(&state.filter) {
+                    break;
+                }
+                continue;
+            }
+            let Some(packet) = self.pending.front_mut() else {
+                break;
+            };
+            if !state.filter.accepts(&packet[HDR_LEN..]) {
+                inc(&stats.rx_filtered);
+                self.pending.pop_front();
+                continue;
+            }
+            let frame_len = (packet.len() - HDR_LEN) as u64;
+            match place(rx, mem, packet, self.negotiated.mrg_rxbuf) {
+                Ok(Placement::Placed(_)) => {
+                    inc(&stats.rx_packets);
+                    add(&stats.rx_bytes, frame_len);
+                    self.pending.pop_front();
+                    used += 1;
+                }
+                Ok(Placement::NoBuffers) => match rx.queue_mut().enable_notification(mem) {
+                    Ok(true) => continue,
+                    Ok(false) => {
+                        self.starved = true;
+                        break;
+                    }
+                    Err(e) => {
+                        result = Err(e);
+                        break;
+                    }
+                },
+                Ok(Placement::TooBig) => {
+                    inc(&stats.rx_too_big);
+                    self.pending.pop_front();
+                }
+                Ok(Placement::BadBuffers(n)) => {
+                    add(&stats.rx_bad_buffers, n.into());
+                    self.pending.pop_front();
+                    used += 1;
+                }
+                Err(e) => {
+                    result = Err(e);
+                    break;
+                }
+            }
+        }
+        drop(state);
+        if used > 0 {
+            rx.notify(mem, interrupt);
+        }
+        if result.is_err() {
+            self.rx_broken = true;
+        }
+        self.update_arm();
+        if !self.starved && !self.pending.is_empty() {
+            // More is ready than one batch: come back after the other events.
+            if let Err(e) = self.wake.write(1) {
+                log::error!("virtio-net: pair {}: cannot wake the worker: {e}", self.pair);
+            }
+        }
+        result
+    }
+
+    /// Reads one transmit chain into a packet for the backend, or drops it (counted).
+    fn read_packet(
+        &mut self,
+        chain: DescriptorChain<&GuestMemoryMmap>,
+        mem: &GuestMemoryMmap,
+    ) -> Option<Vec<u8>> {
+        let stats = &self.shared.stats;
+        let buffers = match ChainBuffers::walk(chain, mem) {
+            Ok(b) => b,
+            Err(e) => {
+                log::debug!("virtio-net: pair {}: transmit chain refused: {e}", self.pair);
+                inc(&stats.tx_malformed);
+                return None;
+            }
+        };
+        let len = buffers.readable_len();
+        if len > (HDR_LEN + MAX_GSO_FRAME) as u64 {
+            inc(&stats.tx_oversize);
+            return None;
+        }
+        if len < (HDR_LEN + ETH_HLEN) as u64 {
+            inc(&stats.tx_malformed);
+            return None;
+        }
+        let mut packet = Vec::with_capacity(len as usize);
+        if let Err(e) = read_all(mem, &buffers.readable, &mut packet) {
+            log::error!("virtio-net: pair {}: cannot read a transmit chain: {e}", self.pair);
+            inc(&stats.tx_malformed);
+            return None;
+        }
+        let mut raw = [0u8; HDR_LEN];
+        raw.copy_from_slice(&packet[..HDR_LEN]);
+        let frame_len = packet.len() - HDR_LEN;
+        let hdr = match NetHdr::parse(&VirtioNetHdr::from_bytes(&raw), frame_len, self.negotiated.host, false) {
+            Ok(h) => h,
+            Err(e) => {
+                log::debug!("virtio-net: pair {}: transmitted header refused: {e}", self.pair);
+                inc(&stats.tx_malformed);
+                return None;
+            }
+        };
+        if hdr.gso.is_none() && frame_len > self.max_frame {
+            inc(&stats.tx_oversize);
+            return None;
+        }
+        packet[..HDR_LEN].copy_from_slice(&hdr.to_wire(0).to_bytes());
+        Some(packet)
+    }
+
+    fn flush_tx(&mut self) {
+        if self.tx_batch.is_empty() {
+            return;
+        }
+        let stats = &self.shared.stats;
+        add(&stats.tx_packets, self.tx_batch.len() as u64);
+        let bytes: usize = self.tx_batch.iter().map(|p| p.len() - HDR_LEN).sum();
+        add(&stats.tx_bytes, bytes as u64);
+        let mut batch = std::mem::take(&mut self.tx_batch);
+        let dropped = self.backend().send(&mut batch);
+        self.tx_batch = batch;
+        add(&self.shared.stats.tx_backend_dropped, dropped as u64);
+    }
+
+    fn transmit(
+        &mut self,
+        tx: &mut ActiveQueue,
+        mem: &GuestMemoryMmap,
+        interrupt: &dyn Interrupt,
+    ) -> Result<(), virtio_queue::Error> {
+        let mut result = Ok(());
+        let taken = tx.take_available(mem, |q, chain| {
+            let head = chain.head_index();
+            if let Some(packet) = self.read_packet(chain, mem) {
+                self.tx_batch.push(packet);
+                if self.tx_batch.len() >= TX_BATCH {
+                    self.flush_tx();
+                }
+            }
+            if let Err(e) = q.add_used(mem, head, 0) {
+                result = Err(e);
+            }
+        });
+        self.flush_tx();
+        let taken = taken?;
+        result?;
+        if taken > 0 {
+            tx.notify(mem, interrupt);
+        }
+        Ok(())
+    }
+}
+
+impl QueueHandler for PairHandler {
+    fn process_queue(
+        &mut self,
+        queue: &mut ActiveQueue,
+        mem: &Arc<GuestMemoryMmap>,
+        interrupt: &dyn Interrupt,
+    ) -> Result<(), virtio_queue::Error> {
+        if queue.index() == self.rx_index() {
+            // The driver added receive buffers (or the worker started): receive again.
+            self.starved = false;
+            self.backend_failed = false;
+            self.receive(queue, mem, interrupt)
+        } else {
+            self.transmit(queue, mem, interrupt)
+        }
+    }
+
+    fn completion_fd(&self) -> Option<RawFd> {
+        Some(self.poller.as_raw_fd())
+    }
+
+    fn process_completions(
+        &mut self,
+        queues: &mut [ActiveQueue],
+        mem: &Arc<GuestMemoryMmap>,
+        interrupt: &dyn Interrupt,
+    ) -> bool {
+        // Reading resets the counter; a failure only means no wake-up was pending.
+        let _ = self.wake.read();
+        let rx_index = self.rx_index();
+        match queues.iter_mut().find(|q| q.index() == rx_index) {
+            Some(rx) => {
+                if let Err(e) = self.receive(rx, mem, interrupt) {
+                    log::error!("virtio-net: receive queue {rx_index}: {e}; the queue is stopped until reset");
+                    interrupt.signal_needs_reset();
+                }
+            }
+            None => {
+                let serves = self.shared.rx().serves(self.pair);
+                self.sync_enabled(serves);
+            }
+        }
+        true
+    }
+
+    fn drain(
+        &mut self,
+        _queues: &mut [ActiveQueue],
+        _mem: &Arc<GuestMemoryMmap>,
+        _interrupt: &dyn Interrupt,
+    ) {
+        // Transmit chains complete before `process_queue` returns; packets received but not
+        // yet placed belong to no chain, and are dropped.
+        self.drop_pending();
+    }
+}
+
+impl Drop for PairHandler {
+    fn drop(&mut self) {
+        let mut home = self.home.lock().unwrap_or_else(PoisonError::into_inner);
+        *home = self.queue.take();
+    }
+}

@@ -1,0 +1,3 @@
+//! Platform-specific code: the Linux TAP driver's ioctls.
+
+pub(crate) mod tap;
