@@ -70,7 +70,10 @@ fn run_guest(queues: u16) {
     assert!(stdout.contains("RESULT PASS"));
     backend.assert_alive();
     let status = backend.terminate();
-    assert!(status.success(), "vhost-user-blk exited with {status} on SIGTERM");
+    assert!(
+        status.success(),
+        "vhost-user-blk exited with {status} on SIGTERM"
+    );
 }
 
 #[test]

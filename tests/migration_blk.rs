@@ -84,20 +84,25 @@ fn hundred_migrations_under_load_lose_no_write() {
     assert_eq!(m["migrated"], 100, "{r:#}");
     assert!(m["state_bytes"].as_u64().unwrap() > 0, "state moved");
     let req = &r["requests"];
-    assert_eq!(req["submitted"], req["completed"], "every request completed once");
+    assert_eq!(
+        req["submitted"], req["completed"],
+        "every request completed once"
+    );
     assert!(req["writes"].as_u64().unwrap() > 1000, "{req}");
     // Requests were in flight at every stop and were completed by one side or the other.
     let f = &r["in_flight_at_stop"];
     assert!(f["total"].as_u64().unwrap() >= 100 * 8, "{f}");
     assert_eq!(
         f["total"].as_u64().unwrap(),
-        f["completed_by_source"].as_u64().unwrap()
-            + f["resumed_by_destination"].as_u64().unwrap()
+        f["completed_by_source"].as_u64().unwrap() + f["resumed_by_destination"].as_u64().unwrap()
     );
     assert_eq!(r["readback"]["blocks"], 512);
     assert_eq!(r["readback"]["mismatches"], 0);
     let dl = &r["dirty_log"];
-    assert_eq!((dl["checked"].as_bool(), dl["checks"].as_u64()), (Some(true), Some(100)));
+    assert_eq!(
+        (dl["checked"].as_bool(), dl["checks"].as_u64()),
+        (Some(true), Some(100))
+    );
     assert!(dl["pages_expected"].as_u64().unwrap() > 100);
     assert_eq!(dl["pages_missing"], 0, "{dl}");
     assert_eq!(r["violations"].as_array().unwrap().len(), 0);
@@ -119,7 +124,12 @@ fn compat_matrix_refuses_only_state_newer_than_the_destination() {
     assert_eq!(c["outcome"], "refused", "{c}");
     let said = c["backend_said"].as_str().unwrap();
     assert!(said.contains("compat version 2"), "{said}");
-    assert!(c["source_requests_verified_after_refusal"].as_u64().unwrap() > 0);
+    assert!(
+        c["source_requests_verified_after_refusal"]
+            .as_u64()
+            .unwrap()
+            > 0
+    );
     assert_eq!(r["readback"]["mismatches"], 0);
     assert_eq!(
         r["peer"]["capabilities"]["outboard"]["compat-versions"],
@@ -157,14 +167,23 @@ fn damaged_foreign_and_mismatched_state_is_refused_and_the_source_keeps_serving(
         let c = case(&r, name);
         assert_eq!(c["outcome"], "refused", "{c}");
         let said = c["backend_said"].as_str().unwrap_or_default();
-        assert!(said.contains(reason), "{name}: the destination said {said:?}");
         assert!(
-            c["source_requests_verified_after_refusal"].as_u64().unwrap() > 0,
+            said.contains(reason),
+            "{name}: the destination said {said:?}"
+        );
+        assert!(
+            c["source_requests_verified_after_refusal"]
+                .as_u64()
+                .unwrap()
+                > 0,
             "{c}"
         );
     }
     let c = case(&r, "untouched state");
-    assert_eq!((&c["outcome"], &c["second_migration_ok"]), (&"migrated".into(), &true.into()));
+    assert_eq!(
+        (&c["outcome"], &c["second_migration_ok"]),
+        (&"migrated".into(), &true.into())
+    );
     assert_eq!(r["readback"]["mismatches"], 0);
 }
 
@@ -190,7 +209,12 @@ fn a_destination_with_fewer_queues_is_refused_before_any_state_moves() {
     );
     let c = &r["cases"][0];
     assert!(c["reason"].as_str().unwrap().contains("queues"), "{c}");
-    assert!(c["source_requests_verified_after_refusal"].as_u64().unwrap() > 0);
+    assert!(
+        c["source_requests_verified_after_refusal"]
+            .as_u64()
+            .unwrap()
+            > 0
+    );
 }
 
 #[test]

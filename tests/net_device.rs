@@ -56,14 +56,20 @@ fn frames_cross_the_switch_with_and_without_mergeable_buffers() {
             let p = expect(&mut b, 0);
             assert_eq!(p.frame, f, "A to B, {len} bytes, mrg {mrg}");
             assert_eq!(p.hdr.flags, 0);
-            let want = if mrg { (12 + len).div_ceil(512) as u16 } else { 1 };
+            let want = if mrg {
+                (12 + len).div_ceil(512) as u16
+            } else {
+                1
+            };
             assert_eq!((p.hdr.num_buffers, p.buffers), (want, want), "{len} bytes");
             let back = frame(MAC_A, MAC_B, len, 0x80 | i as u8);
             b.send(0, &back).unwrap();
             assert_eq!(expect(&mut a, 0).frame, back, "B to A, {len} bytes");
         }
         // A burst, in order and complete.
-        let burst: Vec<Vec<u8>> = (0..100).map(|i| frame(MAC_B, MAC_A, 60 + i * 7, i as u8)).collect();
+        let burst: Vec<Vec<u8>> = (0..100)
+            .map(|i| frame(MAC_B, MAC_A, 60 + i * 7, i as u8))
+            .collect();
         for f in &burst {
             a.tx(0).unwrap().add(NetHdr::default(), f).unwrap();
         }
@@ -79,7 +85,14 @@ fn frames_cross_the_switch_with_and_without_mergeable_buffers() {
 #[test]
 fn the_configuration_space_reports_mac_link_pairs_and_mtu() {
     let sw = SwitchBackend::start("net-config", 2, &["--mtu", "9000", "--queue-pairs", "2"]);
-    let d = sw.connect(1, NetOptions { max_pairs: 2, pairs: 2, ..opts() });
+    let d = sw.connect(
+        1,
+        NetOptions {
+            max_pairs: 2,
+            pairs: 2,
+            ..opts()
+        },
+    );
     let c = d.config();
     assert_eq!(c.mac, MAC_B);
     assert_eq!(c.status, 1, "link up");
@@ -90,7 +103,14 @@ fn the_configuration_space_reports_mac_link_pairs_and_mtu() {
 #[test]
 fn every_control_command_is_acknowledged() {
     let mut sw = SwitchBackend::start("net-ctrl", 2, &["--queue-pairs", "4"]);
-    let mut d = sw.connect(0, NetOptions { max_pairs: 4, pairs: 4, ..opts() });
+    let mut d = sw.connect(
+        0,
+        NetOptions {
+            max_pairs: 4,
+            pairs: 4,
+            ..opts()
+        },
+    );
     let c = d.ctrl().unwrap();
     for mode in [
         RxMode::Promisc,
@@ -100,42 +120,98 @@ fn every_control_command_is_acknowledged() {
         RxMode::NoUni,
         RxMode::NoBcast,
     ] {
-        assert_eq!(c.set_rx_mode(mode, true).unwrap(), CtrlAck::Ok, "{mode:?} on");
-        assert_eq!(c.set_rx_mode(mode, false).unwrap(), CtrlAck::Ok, "{mode:?} off");
+        assert_eq!(
+            c.set_rx_mode(mode, true).unwrap(),
+            CtrlAck::Ok,
+            "{mode:?} on"
+        );
+        assert_eq!(
+            c.set_rx_mode(mode, false).unwrap(),
+            CtrlAck::Ok,
+            "{mode:?} off"
+        );
     }
     let mcast = [1, 0, 0x5e, 0, 0, 1];
     assert_eq!(c.set_mac_table(&[OTHER], &[mcast]).unwrap(), CtrlAck::Ok);
     assert_eq!(c.set_mac_table(&[], &[]).unwrap(), CtrlAck::Ok);
-    assert_eq!(c.set_mac_table(&[OTHER; 70], &[mcast; 70]).unwrap(), CtrlAck::Ok, "overflow");
+    assert_eq!(
+        c.set_mac_table(&[OTHER; 70], &[mcast; 70]).unwrap(),
+        CtrlAck::Ok,
+        "overflow"
+    );
     assert_eq!(c.set_mac([0x52, 0x54, 0, 0, 0, 0x99]).unwrap(), CtrlAck::Ok);
     assert_eq!(c.vlan(100, true).unwrap(), CtrlAck::Ok);
     assert_eq!(c.vlan(100, false).unwrap(), CtrlAck::Ok);
     assert_eq!(c.vlan(4095, true).unwrap(), CtrlAck::Ok);
     assert_eq!(c.announce_ack().unwrap(), CtrlAck::Ok);
     for pairs in [1, 4, 2] {
-        assert_eq!(c.set_queue_pairs(pairs).unwrap(), CtrlAck::Ok, "{pairs} pairs");
+        assert_eq!(
+            c.set_queue_pairs(pairs).unwrap(),
+            CtrlAck::Ok,
+            "{pairs} pairs"
+        );
     }
     // Out of range, malformed, unknown: ERR.
     assert_eq!(c.set_queue_pairs(0).unwrap(), CtrlAck::Err);
     assert_eq!(c.set_queue_pairs(5).unwrap(), CtrlAck::Err);
     assert_eq!(c.vlan(4096, true).unwrap(), CtrlAck::Err);
-    assert_eq!(c.set_mac([1, 0, 0, 0, 0, 1]).unwrap(), CtrlAck::Err, "multicast MAC");
+    assert_eq!(
+        c.set_mac([1, 0, 0, 0, 0, 1]).unwrap(),
+        CtrlAck::Err,
+        "multicast MAC"
+    );
     assert_eq!(c.command(0, 0, &[2]).unwrap(), CtrlAck::Err, "on = 2");
     assert_eq!(c.command(0, 0, &[1, 1]).unwrap(), CtrlAck::Err, "two bytes");
-    assert_eq!(c.command(0, 6, &[1]).unwrap(), CtrlAck::Err, "unknown RX command");
-    assert_eq!(c.command(1, 0, &[1, 0, 0, 0]).unwrap(), CtrlAck::Err, "short MAC table");
-    assert_eq!(c.command(1, 0, &[0xff; 8]).unwrap(), CtrlAck::Err, "huge MAC count");
-    assert_eq!(c.command(3, 0, &[0]).unwrap(), CtrlAck::Err, "ANNOUNCE_ACK with data");
-    assert_eq!(c.command(4, 1, &[0; 8]).unwrap(), CtrlAck::Err, "RSS is not offered");
-    assert_eq!(c.command(5, 0, &[0; 8]).unwrap(), CtrlAck::Err, "guest offloads are not offered");
-    assert_eq!(c.command(0xff, 0, &[]).unwrap(), CtrlAck::Err, "unknown class");
-    assert_eq!(c.set_rx_mode(RxMode::Promisc, true).unwrap(), CtrlAck::Ok, "still serving");
+    assert_eq!(
+        c.command(0, 6, &[1]).unwrap(),
+        CtrlAck::Err,
+        "unknown RX command"
+    );
+    assert_eq!(
+        c.command(1, 0, &[1, 0, 0, 0]).unwrap(),
+        CtrlAck::Err,
+        "short MAC table"
+    );
+    assert_eq!(
+        c.command(1, 0, &[0xff; 8]).unwrap(),
+        CtrlAck::Err,
+        "huge MAC count"
+    );
+    assert_eq!(
+        c.command(3, 0, &[0]).unwrap(),
+        CtrlAck::Err,
+        "ANNOUNCE_ACK with data"
+    );
+    assert_eq!(
+        c.command(4, 1, &[0; 8]).unwrap(),
+        CtrlAck::Err,
+        "RSS is not offered"
+    );
+    assert_eq!(
+        c.command(5, 0, &[0; 8]).unwrap(),
+        CtrlAck::Err,
+        "guest offloads are not offered"
+    );
+    assert_eq!(
+        c.command(0xff, 0, &[]).unwrap(),
+        CtrlAck::Err,
+        "unknown class"
+    );
+    assert_eq!(
+        c.set_rx_mode(RxMode::Promisc, true).unwrap(),
+        CtrlAck::Ok,
+        "still serving"
+    );
     drop(d);
     // A command whose feature was not negotiated is refused.
     let mut d = sw.connect_with(
         1,
         NET_FEATURES & !(1 << F_CTRL_RX_EXTRA),
-        NetOptions { max_pairs: 4, pairs: 4, ..opts() },
+        NetOptions {
+            max_pairs: 4,
+            pairs: 4,
+            ..opts()
+        },
     );
     let c = d.ctrl().unwrap();
     assert_eq!(c.set_rx_mode(RxMode::NoMulti, true).unwrap(), CtrlAck::Err);
@@ -145,7 +221,11 @@ fn every_control_command_is_acknowledged() {
 
 /// Sends `frames` from `a` and then a marker that always reaches B; returns what B received
 /// before the marker.
-fn probe(a: &mut outboard_frontend::NetDriver, b: &mut outboard_frontend::NetDriver, frames: &[Vec<u8>]) -> Vec<Vec<u8>> {
+fn probe(
+    a: &mut outboard_frontend::NetDriver,
+    b: &mut outboard_frontend::NetDriver,
+    frames: &[Vec<u8>],
+) -> Vec<Vec<u8>> {
     let marker = frame(MAC_B, MAC_A, 99, 0xee);
     for f in frames {
         a.send(0, f).unwrap();
@@ -176,7 +256,13 @@ fn receive_filtering_follows_the_rx_mode_the_mac_table_and_the_vlan_table() {
     tagged.extend([0x81, 0x00, 0x00, 0x2a, 0x88, 0xb5]);
     tagged.resize(64, 0x5a);
     // After reset the device is promiscuous.
-    let all = [other.clone(), bcast.clone(), multi.clone(), mine.clone(), tagged.clone()];
+    let all = [
+        other.clone(),
+        bcast.clone(),
+        multi.clone(),
+        mine.clone(),
+        tagged.clone(),
+    ];
     assert_eq!(probe(&mut a, &mut b, &all), all);
     let c = b.ctrl().unwrap();
     assert_eq!(c.set_rx_mode(RxMode::Promisc, false).unwrap(), CtrlAck::Ok);
@@ -185,33 +271,87 @@ fn receive_filtering_follows_the_rx_mode_the_mac_table_and_the_vlan_table() {
     assert_eq!(probe(&mut a, &mut b, &all), [bcast.clone(), mine.clone()]);
     assert_eq!(b.ctrl().unwrap().vlan(42, true).unwrap(), CtrlAck::Ok);
     assert_eq!(probe(&mut a, &mut b, &[tagged.clone()]), [tagged.clone()]);
-    assert_eq!(b.ctrl().unwrap().set_rx_mode(RxMode::AllMulti, true).unwrap(), CtrlAck::Ok);
+    assert_eq!(
+        b.ctrl()
+            .unwrap()
+            .set_rx_mode(RxMode::AllMulti, true)
+            .unwrap(),
+        CtrlAck::Ok
+    );
     assert_eq!(probe(&mut a, &mut b, &[multi.clone()]), [multi.clone()]);
-    assert_eq!(b.ctrl().unwrap().set_rx_mode(RxMode::AllMulti, false).unwrap(), CtrlAck::Ok);
+    assert_eq!(
+        b.ctrl()
+            .unwrap()
+            .set_rx_mode(RxMode::AllMulti, false)
+            .unwrap(),
+        CtrlAck::Ok
+    );
     assert!(probe(&mut a, &mut b, &[multi.clone()]).is_empty());
-    assert_eq!(b.ctrl().unwrap().set_mac_table(&[OTHER], &[mcast]).unwrap(), CtrlAck::Ok);
-    assert_eq!(probe(&mut a, &mut b, &[other.clone(), multi.clone()]), [other.clone(), multi.clone()]);
-    assert_eq!(b.ctrl().unwrap().set_rx_mode(RxMode::NoMulti, true).unwrap(), CtrlAck::Ok);
-    assert_eq!(probe(&mut a, &mut b, &[multi.clone(), bcast.clone()]), [bcast.clone()]);
-    assert_eq!(b.ctrl().unwrap().set_rx_mode(RxMode::NoBcast, true).unwrap(), CtrlAck::Ok);
+    assert_eq!(
+        b.ctrl().unwrap().set_mac_table(&[OTHER], &[mcast]).unwrap(),
+        CtrlAck::Ok
+    );
+    assert_eq!(
+        probe(&mut a, &mut b, &[other.clone(), multi.clone()]),
+        [other.clone(), multi.clone()]
+    );
+    assert_eq!(
+        b.ctrl()
+            .unwrap()
+            .set_rx_mode(RxMode::NoMulti, true)
+            .unwrap(),
+        CtrlAck::Ok
+    );
+    assert_eq!(
+        probe(&mut a, &mut b, &[multi.clone(), bcast.clone()]),
+        [bcast.clone()]
+    );
+    assert_eq!(
+        b.ctrl()
+            .unwrap()
+            .set_rx_mode(RxMode::NoBcast, true)
+            .unwrap(),
+        CtrlAck::Ok
+    );
     assert!(probe(&mut a, &mut b, &[bcast.clone()]).is_empty());
-    assert_eq!(b.ctrl().unwrap().set_rx_mode(RxMode::NoUni, true).unwrap(), CtrlAck::Ok);
+    assert_eq!(
+        b.ctrl().unwrap().set_rx_mode(RxMode::NoUni, true).unwrap(),
+        CtrlAck::Ok
+    );
     // The marker itself is unicast: with NOUNI nothing arrives at all.
     a.send(0, &mine).unwrap();
     assert!(drain(&mut b, 0).is_empty(), "NOUNI drops our own unicast");
-    assert_eq!(b.ctrl().unwrap().set_rx_mode(RxMode::NoUni, false).unwrap(), CtrlAck::Ok);
-    assert_eq!(b.ctrl().unwrap().set_mac_table(&[], &[]).unwrap(), CtrlAck::Ok);
+    assert_eq!(
+        b.ctrl().unwrap().set_rx_mode(RxMode::NoUni, false).unwrap(),
+        CtrlAck::Ok
+    );
+    assert_eq!(
+        b.ctrl().unwrap().set_mac_table(&[], &[]).unwrap(),
+        CtrlAck::Ok
+    );
     assert!(probe(&mut a, &mut b, &[other.clone()]).is_empty());
-    assert_eq!(b.ctrl().unwrap().set_rx_mode(RxMode::AllUni, true).unwrap(), CtrlAck::Ok);
+    assert_eq!(
+        b.ctrl().unwrap().set_rx_mode(RxMode::AllUni, true).unwrap(),
+        CtrlAck::Ok
+    );
     assert_eq!(probe(&mut a, &mut b, &[other.clone()]), [other.clone()]);
     // MAC_ADDR_SET moves our own address.
-    assert_eq!(b.ctrl().unwrap().set_rx_mode(RxMode::AllUni, false).unwrap(), CtrlAck::Ok);
+    assert_eq!(
+        b.ctrl()
+            .unwrap()
+            .set_rx_mode(RxMode::AllUni, false)
+            .unwrap(),
+        CtrlAck::Ok
+    );
     assert_eq!(b.ctrl().unwrap().set_mac(OTHER).unwrap(), CtrlAck::Ok);
     let to_new = frame(OTHER, MAC_A, 70, 5);
     a.send(0, &to_new).unwrap();
     assert_eq!(expect(&mut b, 0).frame, to_new);
     a.send(0, &mine).unwrap();
-    assert!(drain(&mut b, 0).is_empty(), "the old address no longer passes");
+    assert!(
+        drain(&mut b, 0).is_empty(),
+        "the old address no longer passes"
+    );
     sw.backend.assert_alive();
 }
 
@@ -224,7 +364,13 @@ fn queue_pairs_change_while_traffic_flows() {
         ..opts()
     };
     let mut a = sw.connect(0, four);
-    let mut b = sw.connect(1, NetOptions { set_pairs: false, ..four });
+    let mut b = sw.connect(
+        1,
+        NetOptions {
+            set_pairs: false,
+            ..four
+        },
+    );
     let stop = Arc::new(AtomicBool::new(false));
     let sender = {
         let stop = stop.clone();
@@ -233,7 +379,14 @@ fn queue_pairs_change_while_traffic_flows() {
             while !stop.load(Ordering::Relaxed) {
                 for _ in 0..32 {
                     let port = (n % 4096) as u16;
-                    let f = udp(MAC_B, MAC_A, [10, 0, 0, 1], [10, 0, 0, 2], (port, 53), &n.to_be_bytes());
+                    let f = udp(
+                        MAC_B,
+                        MAC_A,
+                        [10, 0, 0, 1],
+                        [10, 0, 0, 2],
+                        (port, 53),
+                        &n.to_be_bytes(),
+                    );
                     a.tx(0).unwrap().add(NetHdr::default(), &f).unwrap();
                     n += 1;
                 }
@@ -251,7 +404,10 @@ fn queue_pairs_change_while_traffic_flows() {
         n
     };
     for pairs in [1u16, 4, 2, 3, 1, 4] {
-        assert_eq!(b.ctrl().unwrap().set_queue_pairs(pairs).unwrap(), CtrlAck::Ok);
+        assert_eq!(
+            b.ctrl().unwrap().set_queue_pairs(pairs).unwrap(),
+            CtrlAck::Ok
+        );
         // Whatever was placed before the ack is visible now: take it.
         for p in 0..4 {
             count(&mut b, p);
@@ -264,11 +420,21 @@ fn queue_pairs_change_while_traffic_flows() {
             }
         }
         for p in pairs..4 {
-            assert_eq!(received[usize::from(p)], 0, "pair {p} received with {pairs} pairs active: {received:?}");
+            assert_eq!(
+                received[usize::from(p)],
+                0,
+                "pair {p} received with {pairs} pairs active: {received:?}"
+            );
         }
-        assert!(received.iter().sum::<usize>() > 0, "{pairs} pairs: nothing received");
+        assert!(
+            received.iter().sum::<usize>() > 0,
+            "{pairs} pairs: nothing received"
+        );
         if pairs > 1 {
-            let used = received[..usize::from(pairs)].iter().filter(|&&n| n > 0).count();
+            let used = received[..usize::from(pairs)]
+                .iter()
+                .filter(|&&n| n > 0)
+                .count();
             assert!(used > 1, "{pairs} pairs, but flows used only {received:?}");
         }
     }
@@ -319,7 +485,10 @@ fn tso_frames_reach_ports_with_and_without_tso() {
     // C negotiated TSO (and mergeable buffers): the frame arrives whole with its offload.
     let whole = expect(&mut c, 0);
     assert_eq!(whole.frame, f);
-    assert_eq!((whole.hdr.flags, whole.hdr.gso_type, whole.hdr.gso_size), (1, 1, 1448));
+    assert_eq!(
+        (whole.hdr.flags, whole.hdr.gso_type, whole.hdr.gso_size),
+        (1, 1, 1448)
+    );
     assert_eq!((whole.hdr.csum_start, whole.hdr.csum_offset), (34, 16));
     assert!(whole.buffers > 1);
 }
@@ -368,7 +537,11 @@ fn malformed_control_commands_are_answered_without_harm() {
     sw.backend.assert_alive();
     assert_eq!(c.set_rx_mode(RxMode::Promisc, true).unwrap(), CtrlAck::Ok);
     // Malformed chains on the control queue made no one reset the device.
-    assert_eq!(d.session().get_status().unwrap() & 0x40, 0, "no DEVICE_NEEDS_RESET");
+    assert_eq!(
+        d.session().get_status().unwrap() & 0x40,
+        0,
+        "no DEVICE_NEEDS_RESET"
+    );
 }
 
 #[test]
@@ -378,7 +551,8 @@ fn oversized_and_malformed_frames_are_dropped_and_counted() {
     let mut b = sw.connect(1, opts());
     let tx = a.tx(0).unwrap();
     // MTU + Ethernet + VLAN + 1 byte.
-    tx.send(NetHdr::default(), &frame(MAC_B, MAC_A, 1519, 1)).unwrap();
+    tx.send(NetHdr::default(), &frame(MAC_B, MAC_A, 1519, 1))
+        .unwrap();
     // A runt.
     tx.send(NetHdr::default(), &[0u8; 10]).unwrap();
     // UDP fragmentation offload, which is not offered.

@@ -62,8 +62,18 @@ fn bad_options_exit_with_code_2_and_one_line_on_stderr() {
         [&s[..], &sw, &["--mac", "01:00:5e:00:00:01"]].concat(),
         [&s[..], &sw, &["--mac", "52:54:00:00:00"]].concat(),
         [&s[..], &sw, &["--mac", "52:54:00:00:00:zz"]].concat(),
-        [&two[..], &sw, &["--mac", "52:54:00:00:00:01", "--mac", "52:54:00:00:00:02"]].concat(),
-        [&two[..], &sw, &["--mac", "52:54:00:00:00:03"]].concat().iter().chain(&["--mac", "52:54:00:00:00:04", "--mac", "52:54:00:00:00:05"]).copied().collect(),
+        [
+            &two[..],
+            &sw,
+            &["--mac", "52:54:00:00:00:01", "--mac", "52:54:00:00:00:02"],
+        ]
+        .concat(),
+        [&two[..], &sw, &["--mac", "52:54:00:00:00:03"]]
+            .concat()
+            .iter()
+            .chain(&["--mac", "52:54:00:00:00:04", "--mac", "52:54:00:00:00:05"])
+            .copied()
+            .collect(),
         [&two[..], &sw, &["--mac", "fe:ff:ff:ff:ff:ff"]].concat(),
         [&s[..], &sw, &["--queue-size", "100"]].concat(),
         [&s[..], &sw, &["--queue-size", "1"]].concat(),
@@ -84,7 +94,10 @@ fn bad_options_exit_with_code_2_and_one_line_on_stderr() {
             stderr.ends_with('\n') && stderr.lines().count() == 1,
             "{args:?}: not one line: {stderr:?}"
         );
-        assert!(stderr.starts_with("vhost-user-net: "), "{args:?}: {stderr:?}");
+        assert!(
+            stderr.starts_with("vhost-user-net: "),
+            "{args:?}: {stderr:?}"
+        );
         assert!(!std::path::Path::new(sock).exists(), "{args:?} listened");
     }
 }
@@ -97,7 +110,10 @@ fn a_backend_that_cannot_start_exits_with_code_1() {
     for (args, says) in [
         (vec!["--socket-path", sock, "--tap-fd", "987"], "987"),
         (vec!["--socket-path", sock, "--tap-fd", "0"], "TUNGETIFF"),
-        (vec!["--socket-path", sock, "--tap", "a-name-longer-than-15"], "a-name-longer-than-15"),
+        (
+            vec!["--socket-path", sock, "--tap", "a-name-longer-than-15"],
+            "a-name-longer-than-15",
+        ),
     ] {
         let (status, _, stderr) = run(&args);
         assert_eq!(status, Some(1), "{args:?}: {stderr}");

@@ -55,7 +55,11 @@ impl Netns {
         run("ip", &["netns", "add", &name]);
         let ns = Netns { name };
         // No IPv6 chatter (router solicitations, MLD) on the interfaces created later.
-        ns.exec(&["sh", "-c", "echo 1 > /proc/sys/net/ipv6/conf/default/disable_ipv6"]);
+        ns.exec(&[
+            "sh",
+            "-c",
+            "echo 1 > /proc/sys/net/ipv6/conf/default/disable_ipv6",
+        ]);
         Some(ns)
     }
 
@@ -90,7 +94,10 @@ impl Netns {
             if out.status.success() {
                 break;
             }
-            assert!(Instant::now() < deadline, "the backend did not create {TAP}");
+            assert!(
+                Instant::now() < deadline,
+                "the backend did not create {TAP}"
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
         let mac = driver_mac.map(|b| format!("{b:02x}")).join(":");
@@ -102,7 +109,9 @@ impl Netns {
 
 impl Drop for Netns {
     fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.name]).status();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
     }
 }
 
@@ -132,10 +141,13 @@ fn start_in(ns: &Netns, dir: &TempDir, args: &[&str]) -> (Backend, PathBuf) {
 /// Spawns `cmd` with its output in `log` and waits for `socket`.
 fn spawn(mut cmd: Command, socket: &Path, log: PathBuf) -> Backend {
     let log_file = std::fs::File::create(&log).unwrap();
-    cmd.env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
-        .stdin(Stdio::null())
-        .stdout(log_file.try_clone().unwrap())
-        .stderr(log_file);
+    cmd.env(
+        "RUST_LOG",
+        std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+    )
+    .stdin(Stdio::null())
+    .stdout(log_file.try_clone().unwrap())
+    .stderr(log_file);
     let child = cmd.spawn().expect("start the backend");
     let mut b = Backend {
         child,
@@ -147,14 +159,23 @@ fn spawn(mut cmd: Command, socket: &Path, log: PathBuf) -> Backend {
         if let Some(status) = b.child.try_wait().unwrap() {
             panic!("the backend exited with {status}:\n{}", b.log_text());
         }
-        assert!(Instant::now() < deadline, "the backend did not listen:\n{}", b.log_text());
+        assert!(
+            Instant::now() < deadline,
+            "the backend did not listen:\n{}",
+            b.log_text()
+        );
         std::thread::sleep(Duration::from_millis(10));
     }
     b
 }
 
 /// Receives frames on `pair` until one satisfies `want` (other traffic is skipped).
-fn wait_for(d: &mut NetDriver, pair: u16, what: &str, want: impl Fn(&RxPacket) -> bool) -> RxPacket {
+fn wait_for(
+    d: &mut NetDriver,
+    pair: u16,
+    what: &str,
+    want: impl Fn(&RxPacket) -> bool,
+) -> RxPacket {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
@@ -181,7 +202,13 @@ fn is_echo_reply(p: &RxPacket, seq: u16) -> bool {
 
 /// Pings the kernel (at `kmac`) from the driver; returns the reply's ICMP payload, if one
 /// came.
-fn ping(d: &mut NetDriver, kmac: [u8; 6], seq: u16, payload: &[u8], offload: bool) -> Option<Vec<u8>> {
+fn ping(
+    d: &mut NetDriver,
+    kmac: [u8; 6],
+    seq: u16,
+    payload: &[u8],
+    offload: bool,
+) -> Option<Vec<u8>> {
     let icmp = icmp_echo(0x4242, seq, payload, offload);
     let f = ipv4(kmac, MAC_A, DRIVER_IP, KERNEL_IP, 1, &icmp);
     let hdr = if offload {
@@ -197,7 +224,12 @@ fn ping(d: &mut NetDriver, kmac: [u8; 6], seq: u16, payload: &[u8], offload: boo
     d.tx(0).unwrap().send(hdr, &f).unwrap();
     d.tx(0).unwrap().flush().unwrap();
     let deadline = Instant::now() + Duration::from_secs(2);
-    while let Some(p) = d.rx(0).unwrap().recv(deadline.saturating_duration_since(Instant::now())).unwrap() {
+    while let Some(p) = d
+        .rx(0)
+        .unwrap()
+        .recv(deadline.saturating_duration_since(Instant::now()))
+        .unwrap()
+    {
         if is_echo_reply(&p, seq) {
             assert_eq!(checksum(&p.frame[34..], 0), 0, "the reply's ICMP checksum");
             return Some(p.frame[42..].to_vec());
@@ -208,7 +240,10 @@ fn ping(d: &mut NetDriver, kmac: [u8; 6], seq: u16, payload: &[u8], offload: boo
 
 /// The kernel side's MAC, learned with ARP.
 fn kernel_mac(d: &mut NetDriver) -> [u8; 6] {
-    d.tx(0).unwrap().send(NetHdr::default(), &arp_request(MAC_A, DRIVER_IP, KERNEL_IP)).unwrap();
+    d.tx(0)
+        .unwrap()
+        .send(NetHdr::default(), &arp_request(MAC_A, DRIVER_IP, KERNEL_IP))
+        .unwrap();
     d.tx(0).unwrap().flush().unwrap();
     let reply = wait_for(d, 0, "ARP reply", is_arp_reply);
     assert_eq!(&reply.frame[..6], &MAC_A, "the reply is for us");
@@ -227,7 +262,11 @@ fn frames_reach_the_kernel_and_come_back_with_and_without_mergeable_buffers() {
     let (mut backend, socket) = start_in(&ns, &dir, &["--tap", TAP, "--mac", "52:54:00:00:00:0a"]);
     ns.configure_tap(MAC_A);
     for mrg in [true, false] {
-        let features = if mrg { NET_FEATURES } else { NET_FEATURES & !(1 << F_MRG_RXBUF) };
+        let features = if mrg {
+            NET_FEATURES
+        } else {
+            NET_FEATURES & !(1 << F_MRG_RXBUF)
+        };
         let opts = NetOptions {
             rx_buffer_size: mrg.then_some(1024),
             ..NetOptions::default()
@@ -242,9 +281,13 @@ fn frames_reach_the_kernel_and_come_back_with_and_without_mergeable_buffers() {
         assert_eq!(reply.as_deref(), Some(&payload[..]), "mrg {mrg}");
         // The same frame without NEEDS_CSUM has a wrong checksum, and the kernel drops it.
         let icmp = icmp_echo(0x4242, 3, &payload, true);
-        d.send(0, &ipv4(kmac, MAC_A, DRIVER_IP, KERNEL_IP, 1, &icmp)).unwrap();
+        d.send(0, &ipv4(kmac, MAC_A, DRIVER_IP, KERNEL_IP, 1, &icmp))
+            .unwrap();
         let late = d.rx(0).unwrap().drain(Duration::from_millis(300)).unwrap();
-        assert!(!late.iter().any(|p| is_echo_reply(p, 3)), "a bad checksum was answered");
+        assert!(
+            !late.iter().any(|p| is_echo_reply(p, 3)),
+            "a bad checksum was answered"
+        );
         drop(d);
     }
     backend.assert_alive();
@@ -265,9 +308,16 @@ fn received_checksums_follow_the_negotiated_guest_offloads() {
         } else {
             NET_FEATURES & !(1 << F_GUEST_CSUM)
         };
-        let mut d = connect(SessionBuilder::new(&socket).features(features), NetOptions::default());
+        let mut d = connect(
+            SessionBuilder::new(&socket).features(features),
+            NetOptions::default(),
+        );
         // A UDP datagram from a kernel socket.
-        ns.exec(&["bash", "-c", "printf offload-test > /dev/udp/10.77.0.2/4242"]);
+        ns.exec(&[
+            "bash",
+            "-c",
+            "printf offload-test > /dev/udp/10.77.0.2/4242",
+        ]);
         let p = wait_for(&mut d, 0, "UDP datagram", |p| {
             p.frame.len() > 42 && p.frame[23] == 17 && p.frame[36..38] == 4242u16.to_be_bytes()
         });
@@ -280,13 +330,21 @@ fn received_checksums_follow_the_negotiated_guest_offloads() {
                 let mut f = p.frame.clone();
                 let c = checksum(&f[34..], 0);
                 f[40..42].copy_from_slice(&c.to_be_bytes());
-                assert_eq!(checksum(&f[34..], pseudo), 0, "completing the partial checksum");
+                assert_eq!(
+                    checksum(&f[34..], pseudo),
+                    0,
+                    "completing the partial checksum"
+                );
             } else {
                 assert_eq!(checksum(&p.frame[34..], pseudo), 0);
             }
         } else {
             assert_eq!(p.hdr.flags & 1, 0, "no partial checksum without GUEST_CSUM");
-            assert_eq!(checksum(&p.frame[34..], pseudo), 0, "a complete UDP checksum");
+            assert_eq!(
+                checksum(&p.frame[34..], pseudo),
+                0,
+                "a complete UDP checksum"
+            );
         }
     }
 }
@@ -300,34 +358,63 @@ fn a_multi_queue_tap_attaches_the_queues_the_driver_uses() {
     let (mut backend, socket) = start_in(
         &ns,
         &dir,
-        &["--tap", TAP, "--queue-pairs", "2", "--mac", "52:54:00:00:00:0a"],
+        &[
+            "--tap",
+            TAP,
+            "--queue-pairs",
+            "2",
+            "--mac",
+            "52:54:00:00:00:0a",
+        ],
     );
     ns.configure_tap(MAC_A);
-    assert!(ns.tap_details().contains("multi_queue"), "{}", ns.tap_details());
+    assert!(
+        ns.tap_details().contains("multi_queue"),
+        "{}",
+        ns.tap_details()
+    );
     let opts = NetOptions {
         max_pairs: 2,
         pairs: 2,
         ..NetOptions::default()
     };
     let mut d = connect(SessionBuilder::new(&socket), opts);
-    assert!(ns.tap_details().contains("numqueues 2 numdisabled 0"), "{}", ns.tap_details());
+    assert!(
+        ns.tap_details().contains("numqueues 2 numdisabled 0"),
+        "{}",
+        ns.tap_details()
+    );
     assert_eq!(d.ctrl().unwrap().set_queue_pairs(1).unwrap(), CtrlAck::Ok);
     let detached = || ns.tap_details().contains("numqueues 1 numdisabled 1");
     let deadline = Instant::now() + Duration::from_secs(5);
     while !detached() {
-        assert!(Instant::now() < deadline, "queue 1 stayed attached: {}", ns.tap_details());
+        assert!(
+            Instant::now() < deadline,
+            "queue 1 stayed attached: {}",
+            ns.tap_details()
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
     let payload = [7u8; 64];
     let kmac = kernel_mac(&mut d);
-    assert_eq!(ping(&mut d, kmac, 1, &payload, false).as_deref(), Some(&payload[..]));
+    assert_eq!(
+        ping(&mut d, kmac, 1, &payload, false).as_deref(),
+        Some(&payload[..])
+    );
     assert_eq!(d.ctrl().unwrap().set_queue_pairs(2).unwrap(), CtrlAck::Ok);
     let deadline = Instant::now() + Duration::from_secs(5);
     while !ns.tap_details().contains("numqueues 2 numdisabled 0") {
-        assert!(Instant::now() < deadline, "queue 1 was not attached again: {}", ns.tap_details());
+        assert!(
+            Instant::now() < deadline,
+            "queue 1 was not attached again: {}",
+            ns.tap_details()
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
-    assert_eq!(ping(&mut d, kmac, 2, &payload, false).as_deref(), Some(&payload[..]));
+    assert_eq!(
+        ping(&mut d, kmac, 2, &payload, false).as_deref(),
+        Some(&payload[..])
+    );
     backend.assert_alive();
 }
 
@@ -377,8 +464,12 @@ fn an_unprivileged_style_backend_uses_a_tap_descriptor_it_was_given() {
     let fd: RawFd = tap.as_raw_fd();
     let socket = dir.path("net.sock");
     let mut cmd = Command::new(binary(PROGRAM));
-    cmd.args(["--socket-path", socket.to_str().unwrap()])
-        .args(["--tap-fd", &fd.to_string(), "--mac", "52:54:00:00:00:0a"]);
+    cmd.args(["--socket-path", socket.to_str().unwrap()]).args([
+        "--tap-fd",
+        &fd.to_string(),
+        "--mac",
+        "52:54:00:00:00:0a",
+    ]);
     // SAFETY: the closure runs in the forked child before exec and only calls fcntl, which is
     // async-signal-safe; clearing FD_CLOEXEC there leaves the parent's descriptor alone.
     unsafe {

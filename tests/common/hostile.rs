@@ -15,14 +15,41 @@
 //! - the image file holds exactly what the verified writes put there, nothing else.
 
 use std::ops::Range;
+use std::os::fd::{OwnedFd, RawFd};
 use std::time::{Duration, Instant};
 
 use outboard_frontend::queue::RawDescriptor;
 use outboard_frontend::{
     BlkDriver, BlkStatus, Connection, GuestBuf, QueueError, SessionBuilder, Used,
 };
+use vhost::vhost_user::message::FrontendReq;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use super::blk::{assert_bytes_eq, pattern, BlkBackend, SECTOR};
+use super::blk::{assert_bytes_eq, pattern, region, BlkBackend, SECTOR};
+
+/// The code of a request.
+pub fn code(r: FrontendReq) -> u32 {
+    r as u32
+}
+
+/// A new eventfd.
+pub fn eventfd() -> EventFd {
+    EventFd::new(EFD_NONBLOCK).unwrap()
+}
+
+/// A new memfd of `size` bytes.
+pub fn memfd(size: u64) -> std::fs::File {
+    let fd =
+        nix::sys::memfd::memfd_create(c"hostile", nix::sys::memfd::MFdFlags::MFD_CLOEXEC).unwrap();
+    let f = std::fs::File::from(fd);
+    f.set_len(size).unwrap();
+    f
+}
+
+/// A new pipe: (read end, write end).
+pub fn pipe() -> (OwnedFd, OwnedFd) {
+    nix::unistd::pipe().unwrap()
+}
 
 /// Guest RAM of a hostile session: one region at GPA 0.
 pub const RAM: usize = 16 << 20;
@@ -258,6 +285,19 @@ impl Guest {
     /// The connection, for raw messages.
     pub fn conn(&mut self) -> &mut Connection {
         self.blk.session().connection()
+    }
+
+    /// The RAM region as SET_MEM_TABLE describes it, its memfd, and its frontend address.
+    pub fn ram_region(&mut self) -> (Vec<u8>, RawFd, u64) {
+        let ram = self.blk.session().ram();
+        let info = ram.region_info(ram.primary().unwrap()).unwrap();
+        let desc = region(
+            info.guest_phys_addr,
+            info.memory_size,
+            info.userspace_addr,
+            info.mmap_offset,
+        );
+        (desc, info.mmap_handle, info.userspace_addr)
     }
 
     /// Puts `bytes` at canary offset `off` (they become the reference there).

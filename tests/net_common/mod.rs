@@ -31,8 +31,14 @@ impl SwitchBackend {
     /// Starts a switch of `ports` ports (MACs from [`MAC_A`]) with `args` added.
     pub fn start(tag: &str, ports: usize, args: &[&str]) -> SwitchBackend {
         let dir = TempDir::new(tag);
-        let sockets: Vec<PathBuf> = (0..ports).map(|i| dir.path(&format!("port{i}.sock"))).collect();
-        let mut all = vec!["--switch".to_string(), "--mac".into(), "52:54:00:00:00:0a".into()];
+        let sockets: Vec<PathBuf> = (0..ports)
+            .map(|i| dir.path(&format!("port{i}.sock")))
+            .collect();
+        let mut all = vec![
+            "--switch".to_string(),
+            "--mac".into(),
+            "52:54:00:00:00:0a".into(),
+        ];
         for s in &sockets {
             all.push("--socket-path".into());
             all.push(s.display().to_string());
@@ -60,7 +66,10 @@ impl SwitchBackend {
 
     /// A driver on port `port` asking for `features` only.
     pub fn connect_with(&self, port: usize, features: u64, opts: NetOptions) -> NetDriver {
-        connect(SessionBuilder::new(&self.sockets[port]).features(features), opts)
+        connect(
+            SessionBuilder::new(&self.sockets[port]).features(features),
+            opts,
+        )
     }
 }
 
@@ -129,7 +138,14 @@ pub fn pseudo_sum(ip: &[u8], proto: u8, len: usize) -> u32 {
 
 /// An IPv4 packet in an Ethernet frame: `proto` and `l4` (the transport header and payload,
 /// checksum fields as given).
-pub fn ipv4(dst: [u8; 6], src: [u8; 6], from: [u8; 4], to: [u8; 4], proto: u8, l4: &[u8]) -> Vec<u8> {
+pub fn ipv4(
+    dst: [u8; 6],
+    src: [u8; 6],
+    from: [u8; 4],
+    to: [u8; 4],
+    proto: u8,
+    l4: &[u8],
+) -> Vec<u8> {
     let mut f = dst.to_vec();
     f.extend(src);
     f.extend([0x08, 0x00]);
@@ -173,7 +189,14 @@ pub fn arp_request(mac: [u8; 6], ip: [u8; 4], target: [u8; 4]) -> Vec<u8> {
 }
 
 /// A UDP datagram in an IPv4 frame with a complete checksum.
-pub fn udp(dst: [u8; 6], src: [u8; 6], from: [u8; 4], to: [u8; 4], ports: (u16, u16), payload: &[u8]) -> Vec<u8> {
+pub fn udp(
+    dst: [u8; 6],
+    src: [u8; 6],
+    from: [u8; 4],
+    to: [u8; 4],
+    ports: (u16, u16),
+    payload: &[u8],
+) -> Vec<u8> {
     let len = 8 + payload.len();
     let mut u = ports.0.to_be_bytes().to_vec();
     u.extend(ports.1.to_be_bytes());
