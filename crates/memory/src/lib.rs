@@ -274,6 +274,7 @@ impl MemoryTable {
                 file_size: meta.len(),
             });
         }
+        seal_against_shrinking(&file, desc.guest_phys_addr);
         let size = desc.memory_size as usize;
         let bitmap = RegionDirty::new(desc.guest_phys_addr, self.log.clone());
         let mapping = MmapRegionBuilder::new_with_bitmap(size, bitmap)
@@ -353,6 +354,29 @@ impl MemoryTable {
             .map(|r| r.desc.gpa_end())
             .max()
             .unwrap_or(0)
+    }
+}
+
+/// A frontend that shrinks a file after sending it would make every access past the new end
+/// fault with SIGBUS, killing the backend. A memfd that allows sealing is sealed against
+/// shrinking (QEMU's memfd backend already seals its memfds); for other files the risk is logged,
+/// as it exists for every mmap-based backend.
+fn seal_against_shrinking(file: &File, gpa: u64) {
+    use nix::fcntl::{fcntl, FcntlArg, SealFlag};
+    match fcntl(file, FcntlArg::F_GET_SEALS) {
+        Ok(seals) if SealFlag::from_bits_truncate(seals).contains(SealFlag::F_SEAL_SHRINK) => {}
+        Ok(_) => {
+            if let Err(e) = fcntl(file, FcntlArg::F_ADD_SEALS(SealFlag::F_SEAL_SHRINK)) {
+                log::warn!(
+                    "memory region at GPA {gpa:#x}: cannot seal the memfd against shrinking \
+                     ({e}); a frontend that shrinks it can crash the backend"
+                );
+            }
+        }
+        Err(_) => log::debug!(
+            "memory region at GPA {gpa:#x} is not a sealable memfd; a frontend that shrinks it \
+             can crash the backend"
+        ),
     }
 }
 
@@ -445,6 +469,25 @@ mod tests {
             !region.bitmap().dirty_at(0x5ffc),
             "no log, nothing reported"
         );
+    }
+
+    #[test]
+    fn sealable_memfds_are_sealed_against_shrinking() {
+        let fd = memfd_create(
+            "outboard-test",
+            MFdFlags::MFD_CLOEXEC | MFdFlags::MFD_ALLOW_SEALING,
+        )
+        .unwrap();
+        let file = File::from(fd);
+        file.set_len(0x10000).unwrap();
+        let mut t = MemoryTable::new(8);
+        t.add(desc(0, 0x10000, 0x1000), file.try_clone().unwrap())
+            .unwrap();
+        // The frontend can no longer shrink it under the mapping; growing stays allowed.
+        assert!(file.set_len(0x1000).is_err());
+        file.set_len(0x20000).unwrap();
+        let mem = t.snapshot().unwrap();
+        mem.write_obj(1u64, GuestAddress(0xfff8)).unwrap();
     }
 
     #[test]
