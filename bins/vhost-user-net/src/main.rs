@@ -6,6 +6,8 @@
 //! `--tap-fd FD,…`, descriptors a privileged manager opened) or to an in-process L2 switch
 //! (`--switch`) that connects one device per socket, each served on its own control thread.
 
+#![deny(unsafe_code)]
+
 use std::collections::HashSet;
 use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 use std::path::PathBuf;
@@ -14,7 +16,9 @@ use anyhow::Context;
 use clap::Parser;
 use outboard_net::backend::switch::{Switch, SwitchConfig};
 use outboard_net::backend::tap::Tap;
-use outboard_net::{MacAddress, Net, NetConfig, PacketBackend, DEFAULT_MAC, MAX_QUEUE_PAIRS, MIN_MTU};
+use outboard_net::{
+    MacAddress, Net, NetConfig, PacketBackend, DEFAULT_MAC, MAX_QUEUE_PAIRS, MIN_MTU,
+};
 use outboard_program as program;
 use outboard_vhost_user::{BackendConfig, VhostUserBackend};
 
@@ -45,7 +49,12 @@ struct Args {
 
     /// Use these inherited descriptors of one TAP interface (opened with IFF_TAP, IFF_NO_PI,
     /// IFF_VNET_HDR and, for several, IFF_MULTI_QUEUE), one per queue pair.
-    #[arg(long, value_name = "FD[,FD...]", value_delimiter = ',', conflicts_with = "switch")]
+    #[arg(
+        long,
+        value_name = "FD[,FD...]",
+        value_delimiter = ',',
+        conflicts_with = "switch"
+    )]
     tap_fd: Vec<RawFd>,
 
     /// Connect the devices of every socket to an in-process L2 switch.
@@ -118,20 +127,21 @@ fn usage(message: &str) -> ! {
 }
 
 fn plan(args: Args) -> Plan {
-    let sockets: Vec<program::SocketSource> = match (args.socket_path.is_empty(), args.fd.is_empty()) {
-        (false, false) => usage("--socket-path and --fd are incompatible"),
-        (true, true) => usage("one of --socket-path or --fd is required"),
-        (false, true) => args
-            .socket_path
-            .iter()
-            .map(|p| program::socket_source(PROGRAM, Some(p.clone()), None))
-            .collect(),
-        (true, false) => args
-            .fd
-            .iter()
-            .map(|&fd| program::socket_source(PROGRAM, None, Some(fd)))
-            .collect(),
-    };
+    let sockets: Vec<program::SocketSource> =
+        match (args.socket_path.is_empty(), args.fd.is_empty()) {
+            (false, false) => usage("--socket-path and --fd are incompatible"),
+            (true, true) => usage("one of --socket-path or --fd is required"),
+            (false, true) => args
+                .socket_path
+                .iter()
+                .map(|p| program::socket_source(PROGRAM, Some(p.clone()), None))
+                .collect(),
+            (true, false) => args
+                .fd
+                .iter()
+                .map(|&fd| program::socket_source(PROGRAM, None, Some(fd)))
+                .collect(),
+        };
     let packets = match (args.tap, args.tap_fd.is_empty(), args.switch) {
         (Some(name), true, false) => Packets::Tap(name),
         (None, false, false) => Packets::TapFds(args.tap_fd.clone()),
@@ -157,10 +167,14 @@ fn plan(args: Args) -> Plan {
         0 => (0..ports as u64).map(|i| DEFAULT_MAC.offset(i)).collect(),
         1 => (0..ports as u64).map(|i| args.mac[0].offset(i)).collect(),
         n if n == ports => args.mac.clone(),
-        n => usage(&format!("{n} --mac addresses for {ports} ports: give one (a base) or one per port")),
+        n => usage(&format!(
+            "{n} --mac addresses for {ports} ports: give one (a base) or one per port"
+        )),
     };
     if let Some(m) = macs.iter().find(|m| m.is_multicast()) {
-        usage(&format!("the MAC address {m} (incremented from --mac) is a multicast address"));
+        usage(&format!(
+            "the MAC address {m} (incremented from --mac) is a multicast address"
+        ));
     }
     let config = NetConfig {
         queue_pairs: pairs,
@@ -188,7 +202,10 @@ fn adopt_tap_fds(fds: &[RawFd], sockets: &[program::SocketSource]) -> anyhow::Re
     let mut owned = Vec::with_capacity(fds.len());
     for &fd in fds {
         anyhow::ensure!(fd >= 0, "--tap-fd {fd} is not a file descriptor");
-        anyhow::ensure!(seen.insert(fd), "--tap-fd {fd} is given twice (or is also --fd)");
+        anyhow::ensure!(
+            seen.insert(fd),
+            "--tap-fd {fd} is given twice (or is also --fd)"
+        );
         // SAFETY: fcntl(F_GETFD) on any integer is harmless; it tells whether the fd is open.
         #[allow(unsafe_code)]
         let open = unsafe { libc::fcntl(fd, libc::F_GETFD) } >= 0;
@@ -256,7 +273,9 @@ fn run(mut plan: Plan) -> anyhow::Result<()> {
         .collect::<anyhow::Result<Vec<_>>>()?;
     let mut threads = Vec::with_capacity(devices.len());
     for (i, (device, socket)) in devices.into_iter().zip(sockets).enumerate() {
-        let stop = shutdown.try_clone().context("cannot clone the shutdown eventfd")?;
+        let stop = shutdown
+            .try_clone()
+            .context("cannot clone the shutdown eventfd")?;
         let thread = std::thread::Builder::new()
             .name(format!("port-{i}"))
             .spawn(move || {

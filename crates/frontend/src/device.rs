@@ -220,6 +220,11 @@ impl SessionBuilder {
         self
     }
 
+    /// The backend's socket.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
     /// Number of queues requested.
     pub fn num_queues(&self) -> u16 {
         self.num_queues
@@ -609,25 +614,40 @@ impl Session {
         self.driver_ok()
     }
 
-    /// Moves the session to the backend listening on `path`, keeping guest RAM and the rings:
-    /// connects, runs the handshake asking for exactly the features acked so far, calls
-    /// `prepare` (e.g. to load device state), checks the new backend acked the same features,
-    /// starts each queue in `bases` at its base, and sets DRIVER_OK. Every queue must be stopped
-    /// before (see [`Session::stop_queue`]).
+    /// Connects to the backend listening on `path` with this session's timeouts, for
+    /// [`Session::switch_backend`].
+    pub fn connect_to(&self, path: &Path) -> Result<Connection, SessionError> {
+        let mut opts = self.opts.clone();
+        opts.path = path.into();
+        opts.open()
+    }
+
+    /// Moves the session to the backend listening on `path` (over `conn`, a connection to it
+    /// from [`Session::connect_to`], or a new one), keeping guest RAM and the rings: runs the
+    /// handshake asking for exactly the features acked so far, calls `prepare` (e.g. to load
+    /// device state), checks the new backend acked the same features, starts each queue in
+    /// `bases` at its base, and sets DRIVER_OK. Every queue must be stopped before (see
+    /// [`Session::stop_queue`]).
     ///
-    /// On success the previous connection is returned, for the caller to close. On any error the
-    /// session is back on the previous connection as it was, with its queues still stopped, and
-    /// the new connection is shut down.
+    /// On success the previous connection is returned, for the caller to close. On an error
+    /// before the first ring starts, the session is back on the previous connection as it was,
+    /// with its queues still stopped, and the new connection is shut down; an error after it
+    /// leaves the session on the new backend (the previous connection is shut down), since the
+    /// new backend may already have taken requests.
     pub fn switch_backend<E: From<SessionError>>(
         &mut self,
         path: &Path,
+        conn: Option<Connection>,
         bases: &[(u16, u16)],
         prepare: impl FnOnce(&mut Session) -> Result<(), E>,
     ) -> Result<Connection, E> {
         let mut opts = self.opts.clone();
         opts.path = path.into();
         opts.features = Some(self.negotiated.features_acked);
-        let conn = opts.open()?;
+        let conn = match conn {
+            Some(c) => c,
+            None => opts.open()?,
+        };
         let saved = (
             std::mem::replace(&mut self.conn, conn),
             std::mem::replace(&mut self.opts, opts),
@@ -644,23 +664,29 @@ impl Session {
             if after != before {
                 return Err(SessionError::FeaturesChanged { before, after }.into());
             }
-            for &(index, base) in bases {
-                self.start_queue(index, base)?;
-            }
-            self.driver_ok()?;
             Ok(())
         })();
-        match result {
+        if let Err(e) = result {
+            self.conn.shutdown();
+            self.conn = saved.0;
+            self.opts = saved.1;
+            self.negotiated = saved.2;
+            self.backend = saved.3;
+            self.status = saved.4;
+            self.started = saved.5;
+            return Err(e);
+        }
+        // From the first ring on, the new backend may have taken requests: going back would run
+        // them twice. A failure now leaves the session on the new backend; the old one is closed.
+        let started = bases
+            .iter()
+            .try_for_each(|&(index, base)| self.start_queue(index, base))
+            .and_then(|()| self.driver_ok());
+        match started {
             Ok(()) => Ok(saved.0),
             Err(e) => {
-                self.conn.shutdown();
-                self.conn = saved.0;
-                self.opts = saved.1;
-                self.negotiated = saved.2;
-                self.backend = saved.3;
-                self.status = saved.4;
-                self.started = saved.5;
-                Err(e)
+                saved.0.shutdown();
+                Err(e.into())
             }
         }
     }

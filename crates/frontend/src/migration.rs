@@ -21,7 +21,7 @@
 use std::fs::File;
 use std::io::{Read, Write};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
@@ -81,7 +81,9 @@ pub enum MigrationError {
     #[error(transparent)]
     Session(#[from] SessionError),
     /// The backend lacks a protocol feature the step needs.
-    #[error("{operation} needs the {feature:?} protocol feature, which the backend did not negotiate")]
+    #[error(
+        "{operation} needs the {feature:?} protocol feature, which the backend did not negotiate"
+    )]
     NotNegotiated {
         /// What was attempted.
         operation: &'static str,
@@ -185,11 +187,8 @@ impl DirtyLog {
             .map_err(|e| err(e.into()))?;
         let file = File::from(fd);
         file.set_len(size as u64).map_err(err)?;
-        let map = MmapRegion::from_file(
-            FileOffset::new(file.try_clone().map_err(err)?, 0),
-            size,
-        )
-        .map_err(|e| err(std::io::Error::other(e)))?;
+        let map = MmapRegion::from_file(FileOffset::new(file.try_clone().map_err(err)?, 0), size)
+            .map_err(|e| err(std::io::Error::other(e)))?;
         Ok(DirtyLog {
             file,
             map,
@@ -279,6 +278,21 @@ impl DirtyBitmap {
     }
 }
 
+/// A destination backend connected ahead of the migration, as a VMM connects to its
+/// backends when it starts, so that the device's pause does not include the backend's start-up.
+#[derive(Debug)]
+pub struct Destination {
+    path: PathBuf,
+    conn: Connection,
+}
+
+impl Destination {
+    /// The destination's socket.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
 /// The result of [`Session::migrate`].
 #[derive(Debug)]
 pub struct Migrated {
@@ -309,6 +323,11 @@ impl Session {
         }
     }
 
+    /// Whether the session talks to the backend listening on `path`.
+    pub fn is_on(&self, path: &Path) -> bool {
+        self.options().path() == path
+    }
+
     /// Whether the backend can log dirty pages (LOG_SHMFD and LOG_ALL).
     pub fn supports_dirty_log(&self) -> bool {
         self.has_protocol(VhostUserProtocolFeatures::LOG_SHMFD)
@@ -333,13 +352,19 @@ impl Session {
         self.set_log_all(false)
     }
 
+    /// SET_FEATURES with or without LOG_ALL, and a round trip: SET_FEATURES has no reply of
+    /// its own, and the device may be running, so without one the frontend could not know from
+    /// which write on the log is complete (QEMU waits the same way).
     fn set_log_all(&mut self, on: bool) -> Result<(), MigrationError> {
         let acked = self.negotiated().features_acked;
         let features = if on { acked | LOG_ALL } else { acked };
-        self.connection()
-            .frontend()
-            .set_features(features)
+        let fe = self.connection().frontend();
+        fe.set_features(features)
             .ctx("SET_FEATURES")
+            .map_err(SessionError::from)?;
+        // Messages are handled in order: the answer comes after SET_FEATURES took effect.
+        fe.get_features()
+            .ctx("GET_FEATURES")
             .map_err(SessionError::from)?;
         Ok(())
     }
@@ -372,7 +397,10 @@ impl Session {
     /// backend's own fd), read to EOF, then CHECK_DEVICE_STATE.
     pub fn save_device_state(&mut self) -> Result<Vec<u8>, MigrationError> {
         const D: Direction = Direction::Save;
-        self.require(VhostUserProtocolFeatures::DEVICE_STATE, "saving device state")?;
+        self.require(
+            VhostUserProtocolFeatures::DEVICE_STATE,
+            "saving device state",
+        )?;
         let (read_end, write_end) = pipe(D)?;
         let theirs = self
             .connection()
@@ -397,7 +425,10 @@ impl Session {
     /// check with an error ([`MigrationError::Refused`]).
     pub fn load_device_state(&mut self, state: &[u8]) -> Result<(), MigrationError> {
         const D: Direction = Direction::Load;
-        self.require(VhostUserProtocolFeatures::DEVICE_STATE, "loading device state")?;
+        self.require(
+            VhostUserProtocolFeatures::DEVICE_STATE,
+            "loading device state",
+        )?;
         let (read_end, write_end) = pipe(D)?;
         let theirs = self
             .connection()
@@ -432,20 +463,35 @@ impl Session {
             .map_err(|source| refused(direction, "CHECK_DEVICE_STATE", source))
     }
 
-    /// Moves the device to the backend listening on `dest` after its rings were stopped at
-    /// `bases`: negotiates the same features there, loads `state` if given, switches dirty
-    /// logging into `log` on (if given and the destination can), and starts the rings. On
-    /// success the previous connection is returned (close it); on failure the session is still
-    /// on the source with its rings stopped (see [`Session::resume_rings`]).
+    /// Connects to the destination backend listening on `path` and waits until it answers
+    /// (GET_FEATURES), while the device still runs on the source.
+    pub fn connect_destination(&mut self, path: &Path) -> Result<Destination, MigrationError> {
+        let mut conn = self.connect_to(path)?;
+        conn.frontend()
+            .get_features()
+            .ctx("GET_FEATURES")
+            .map_err(SessionError::from)?;
+        Ok(Destination {
+            path: path.into(),
+            conn,
+        })
+    }
+
+    /// Moves the device to `dest` after its rings were stopped at `bases`: negotiates the same
+    /// features there, loads `state` if given, switches dirty logging into `log` on (if given
+    /// and the destination can), and starts the rings. On success the previous connection is
+    /// returned (close it). On a failure before the destination's rings start (every refusal)
+    /// the session is still on the source with its rings stopped (see
+    /// [`Session::resume_rings`]); after, it is on the destination ([`Session::is_on`] tells).
     pub fn move_to(
         &mut self,
-        dest: &Path,
+        dest: Destination,
         bases: &[(u16, u16)],
         state: Option<&[u8]>,
         log: Option<&DirtyLog>,
     ) -> Result<Connection, MigrationError> {
         let before = self.negotiated().features_acked;
-        self.switch_backend(dest, bases, |s| {
+        self.switch_backend(&dest.path, Some(dest.conn), bases, |s| {
             let offered = s.negotiated().features_offered;
             if let Some(state) = state {
                 // The backend checks the state against what it is: its type, compat version,
@@ -464,7 +510,8 @@ impl Session {
         })
     }
 
-    /// Migrates the device to the backend listening on `dest`: stops the rings, saves the state
+    /// Migrates the device to the backend listening on `dest`: connects to it, stops the rings,
+    /// saves the state
     /// (when the source has DEVICE_STATE), moves to `dest` and loads it there. If the
     /// destination refuses, the rings restart on the source, which keeps serving, and the error
     /// is returned. The source connection is closed on success. With `log`, the destination
@@ -474,6 +521,8 @@ impl Session {
         dest: &Path,
         log: Option<&DirtyLog>,
     ) -> Result<Migrated, MigrationError> {
+        let source = self.options().path().to_path_buf();
+        let dest = self.connect_destination(dest)?;
         let start = Instant::now();
         let bases = self.stop_rings()?;
         let state = if self.supports_device_state() {
@@ -497,7 +546,9 @@ impl Session {
                 })
             }
             Err(e) => {
-                self.resume_rings(&bases)?;
+                if self.is_on(&source) {
+                    self.resume_rings(&bases)?;
+                }
                 Err(e)
             }
         }

@@ -393,7 +393,13 @@ mod tests {
             MacAddress([0; 6]),
             "wraps at 48 bits"
         );
-        for bad in ["", "52:54:00:ab:cd", "52:54:00:ab:cd:0f:11", "52:54:00:ab:cd:xx", "525:4:00:ab:cd:0f"] {
+        for bad in [
+            "",
+            "52:54:00:ab:cd",
+            "52:54:00:ab:cd:0f:11",
+            "52:54:00:ab:cd:xx",
+            "525:4:00:ab:cd:0f",
+        ] {
             assert!(bad.parse::<MacAddress>().is_err(), "{bad:?}");
         }
         assert!(MacAddress::BROADCAST.is_multicast() && MacAddress::BROADCAST.is_broadcast());
@@ -412,11 +418,46 @@ mod tests {
             );
         };
         bad(NetConfig::new(MacAddress::BROADCAST), 1, "mac");
-        bad(NetConfig { queue_pairs: 0, ..ok.clone() }, 0, "queue_pairs");
-        bad(NetConfig { queue_pairs: 65, ..ok.clone() }, 65, "queue_pairs");
-        bad(NetConfig { queue_pairs: 2, ..ok.clone() }, 1, "queue_pairs");
-        bad(NetConfig { queue_size: 100, ..ok.clone() }, 1, "queue_size");
-        bad(NetConfig { mtu: 67, ..ok.clone() }, 1, "mtu");
+        bad(
+            NetConfig {
+                queue_pairs: 0,
+                ..ok.clone()
+            },
+            0,
+            "queue_pairs",
+        );
+        bad(
+            NetConfig {
+                queue_pairs: 65,
+                ..ok.clone()
+            },
+            65,
+            "queue_pairs",
+        );
+        bad(
+            NetConfig {
+                queue_pairs: 2,
+                ..ok.clone()
+            },
+            1,
+            "queue_pairs",
+        );
+        bad(
+            NetConfig {
+                queue_size: 100,
+                ..ok.clone()
+            },
+            1,
+            "queue_size",
+        );
+        bad(
+            NetConfig {
+                mtu: 67,
+                ..ok.clone()
+            },
+            1,
+            "mtu",
+        );
     }
 
     #[test]
@@ -425,7 +466,11 @@ mod tests {
         let f = spec.features();
         assert_ne!(f & bit(VIRTIO_NET_F_CTRL_VQ), 0);
         assert_eq!(f & bit(VIRTIO_NET_F_MQ), 0, "one pair: no MQ");
-        assert_eq!(f & bit(VIRTIO_NET_F_CSUM), 0, "no offloads without the backend");
+        assert_eq!(
+            f & bit(VIRTIO_NET_F_CSUM),
+            0,
+            "no offloads without the backend"
+        );
         let config = NetConfig {
             queue_pairs: 4,
             ..NetConfig::default()

@@ -315,18 +315,27 @@ mod tests {
     #[test]
     fn vlan_table_filters_tagged_frames_when_negotiated() {
         let mut f = strict();
-        assert!(f.accepts(&frame(OWN, Some(5))), "no VLAN filtering negotiated");
+        assert!(
+            f.accepts(&frame(OWN, Some(5))),
+            "no VLAN filtering negotiated"
+        );
         f.vlan_filtering = true;
         assert!(!f.accepts(&frame(OWN, Some(5))));
         assert!(f.accepts(&frame(OWN, None)), "untagged frames pass");
         f.vlans.set(5, true);
         assert!(f.accepts(&frame(OWN, Some(5))));
-        assert!(f.accepts(&frame(OWN, Some(0x2005))), "priority bits are not the VID");
+        assert!(
+            f.accepts(&frame(OWN, Some(0x2005))),
+            "priority bits are not the VID"
+        );
         assert!(!f.accepts(&frame(OWN, Some(6))));
         f.vlans.set(5, false);
         assert!(!f.accepts(&frame(OWN, Some(5))));
         f.mode.promisc = true;
-        assert!(f.accepts(&frame(OWN, Some(6))), "promiscuous passes every VLAN");
+        assert!(
+            f.accepts(&frame(OWN, Some(6))),
+            "promiscuous passes every VLAN"
+        );
     }
 
     #[test]

@@ -61,6 +61,8 @@ pub(crate) struct PairSetup {
     pub max_frame: usize,
     pub queue: Box<dyn PacketQueue>,
     pub home: QueueSlot,
+    /// The handler's epoll set, holding `wake` already.
+    pub poller: Epoll,
     pub wake: EventFd,
     /// Whether the backend queue is enabled now.
     pub enabled: bool,
@@ -95,22 +97,27 @@ pub(crate) struct PairHandler {
     tx_batch: Vec<Vec<u8>>,
 }
 
+/// The epoll set of a pair handler, with `wake` in it.
+pub(crate) fn handler_poller(wake: &EventFd) -> std::io::Result<Epoll> {
+    let poller = Epoll::new()?;
+    poller.ctl(
+        ControlOperation::Add,
+        wake.as_raw_fd(),
+        EpollEvent::new(EventSet::IN, TOKEN_WAKE),
+    )?;
+    Ok(poller)
+}
+
 impl PairHandler {
-    pub fn new(setup: PairSetup) -> std::io::Result<Self> {
-        let poller = Epoll::new()?;
-        poller.ctl(
-            ControlOperation::Add,
-            setup.wake.as_raw_fd(),
-            EpollEvent::new(EventSet::IN, TOKEN_WAKE),
-        )?;
-        Ok(PairHandler {
+    pub fn new(setup: PairSetup) -> Self {
+        PairHandler {
             pair: setup.pair,
             shared: setup.shared,
             negotiated: setup.negotiated,
             max_frame: setup.max_frame,
             queue: Some(setup.queue),
             home: setup.home,
-            poller,
+            poller: setup.poller,
             wake: setup.wake,
             has_rx: setup.has_rx,
             enabled: setup.enabled,
@@ -122,7 +129,7 @@ impl PairHandler {
             incoming: Vec::new(),
             segments: Vec::new(),
             tx_batch: Vec::new(),
-        })
+        }
     }
 
     fn rx_index(&self) -> u16 {
@@ -137,7 +144,8 @@ impl PairHandler {
 
     /// Polls the backend's ready fd exactly while the pair receives and the driver has buffers.
     fn update_arm(&mut self) {
-        let want = self.has_rx && self.enabled && !self.starved && !self.backend_failed && !self.rx_broken;
+        let want =
+            self.has_rx && self.enabled && !self.starved && !self.backend_failed && !self.rx_broken;
         if want == self.armed {
             return;
         }
@@ -154,7 +162,10 @@ impl PairHandler {
         };
         match result {
             Ok(()) => self.armed = want,
-            Err(e) => log::error!("virtio-net: pair {}: cannot (un)watch the backend: {e}", self.pair),
+            Err(e) => log::error!(
+                "virtio-net: pair {}: cannot (un)watch the backend: {e}",
+                self.pair
+            ),
         }
     }
 
@@ -194,7 +205,10 @@ impl PairHandler {
             Err(e) => {
                 self.incoming = incoming;
                 inc(&self.shared.stats.rx_backend_errors);
-                log::warn!("virtio-net: pair {}: {e}; receiving again after the next kick", self.pair);
+                log::warn!(
+                    "virtio-net: pair {}: {e}; receiving again after the next kick",
+                    self.pair
+                );
                 self.backend_failed = true;
                 false
             }
@@ -213,10 +227,18 @@ impl PairHandler {
         let (head, frame) = packet.split_at_mut(HDR_LEN);
         let mut raw = [0u8; HDR_LEN];
         raw.copy_from_slice(head);
-        let mut hdr = match NetHdr::parse(&VirtioNetHdr::from_bytes(&raw), frame.len(), ANY_OFFLOAD, true) {
+        let mut hdr = match NetHdr::parse(
+            &VirtioNetHdr::from_bytes(&raw),
+            frame.len(),
+            ANY_OFFLOAD,
+            true,
+        ) {
             Ok(h) => h,
             Err(e) => {
-                log::debug!("virtio-net: pair {}: received packet refused: {e}", self.pair);
+                log::debug!(
+                    "virtio-net: pair {}: received packet refused: {e}",
+                    self.pair
+                );
                 inc(&stats.rx_malformed);
                 return;
             }
@@ -338,7 +360,10 @@ impl PairHandler {
         if !self.starved && !self.pending.is_empty() {
             // More is ready than one batch: come back after the other events.
             if let Err(e) = self.wake.write(1) {
-                log::error!("virtio-net: pair {}: cannot wake the worker: {e}", self.pair);
+                log::error!(
+                    "virtio-net: pair {}: cannot wake the worker: {e}",
+                    self.pair
+                );
             }
         }
         result
@@ -354,7 +379,10 @@ impl PairHandler {
         let buffers = match ChainBuffers::walk(chain, mem) {
             Ok(b) => b,
             Err(e) => {
-                log::debug!("virtio-net: pair {}: transmit chain refused: {e}", self.pair);
+                log::debug!(
+                    "virtio-net: pair {}: transmit chain refused: {e}",
+                    self.pair
+                );
                 inc(&stats.tx_malformed);
                 return None;
             }
@@ -370,17 +398,28 @@ impl PairHandler {
         }
         let mut packet = Vec::with_capacity(len as usize);
         if let Err(e) = read_all(mem, &buffers.readable, &mut packet) {
-            log::error!("virtio-net: pair {}: cannot read a transmit chain: {e}", self.pair);
+            log::error!(
+                "virtio-net: pair {}: cannot read a transmit chain: {e}",
+                self.pair
+            );
             inc(&stats.tx_malformed);
             return None;
         }
         let mut raw = [0u8; HDR_LEN];
         raw.copy_from_slice(&packet[..HDR_LEN]);
         let frame_len = packet.len() - HDR_LEN;
-        let hdr = match NetHdr::parse(&VirtioNetHdr::from_bytes(&raw), frame_len, self.negotiated.host, false) {
+        let hdr = match NetHdr::parse(
+            &VirtioNetHdr::from_bytes(&raw),
+            frame_len,
+            self.negotiated.host,
+            false,
+        ) {
             Ok(h) => h,
             Err(e) => {
-                log::debug!("virtio-net: pair {}: transmitted header refused: {e}", self.pair);
+                log::debug!(
+                    "virtio-net: pair {}: transmitted header refused: {e}",
+                    self.pair
+                );
                 inc(&stats.tx_malformed);
                 return None;
             }

@@ -178,16 +178,34 @@ impl NetHdr {
         };
         let ecn = raw.gso_type & GSO_ECN != 0;
         let kind = match raw.gso_type & !GSO_ECN {
-            GSO_NONE if ecn => return Err(HdrError::UnsupportedGso { gso_type: raw.gso_type }),
+            GSO_NONE if ecn => {
+                return Err(HdrError::UnsupportedGso {
+                    gso_type: raw.gso_type,
+                })
+            }
             GSO_NONE => None,
             GSO_TCPV4 if allowed.tso4 => Some(GsoKind::Tcp4),
             GSO_TCPV6 if allowed.tso6 => Some(GsoKind::Tcp6),
-            GSO_TCPV4 => return Err(HdrError::NotNegotiated { offload: "TSO over IPv4" }),
-            GSO_TCPV6 => return Err(HdrError::NotNegotiated { offload: "TSO over IPv6" }),
-            _ => return Err(HdrError::UnsupportedGso { gso_type: raw.gso_type }),
+            GSO_TCPV4 => {
+                return Err(HdrError::NotNegotiated {
+                    offload: "TSO over IPv4",
+                })
+            }
+            GSO_TCPV6 => {
+                return Err(HdrError::NotNegotiated {
+                    offload: "TSO over IPv6",
+                })
+            }
+            _ => {
+                return Err(HdrError::UnsupportedGso {
+                    gso_type: raw.gso_type,
+                })
+            }
         };
         if ecn && !allowed.ecn {
-            return Err(HdrError::NotNegotiated { offload: "TSO with ECN" });
+            return Err(HdrError::NotNegotiated {
+                offload: "TSO with ECN",
+            });
         }
         let gso = match kind {
             Some(_) if raw.gso_size == 0 => return Err(HdrError::ZeroGsoSize),
@@ -279,7 +297,13 @@ mod tests {
             Err(HdrError::NotNegotiated { .. })
         ));
         let h = NetHdr::parse(&csum, 42, ALL, false).unwrap();
-        assert_eq!(h.csum, Some(Csum { start: 34, offset: 6 }));
+        assert_eq!(
+            h.csum,
+            Some(Csum {
+                start: 34,
+                offset: 6
+            })
+        );
         assert!(matches!(
             NetHdr::parse(&csum, 41, ALL, false),
             Err(HdrError::CsumOutOfFrame { .. })
@@ -298,13 +322,25 @@ mod tests {
             ..tso
         };
         assert!(NetHdr::parse(&ecn, 9000, Offloads { ecn: false, ..ALL }, false).is_err());
-        assert!(NetHdr::parse(&ecn, 9000, ALL, false).unwrap().gso.unwrap().ecn);
+        assert!(
+            NetHdr::parse(&ecn, 9000, ALL, false)
+                .unwrap()
+                .gso
+                .unwrap()
+                .ecn
+        );
         let zero = VirtioNetHdr { gso_size: 0, ..tso };
-        assert_eq!(NetHdr::parse(&zero, 9000, ALL, false), Err(HdrError::ZeroGsoSize));
+        assert_eq!(
+            NetHdr::parse(&zero, 9000, ALL, false),
+            Err(HdrError::ZeroGsoSize)
+        );
         for gso_type in [3, 5, 0x80, 0x42] {
             let h = VirtioNetHdr { gso_type, ..tso };
             assert!(
-                matches!(NetHdr::parse(&h, 9000, ALL, false), Err(HdrError::UnsupportedGso { .. })),
+                matches!(
+                    NetHdr::parse(&h, 9000, ALL, false),
+                    Err(HdrError::UnsupportedGso { .. })
+                ),
                 "{gso_type:#x}"
             );
         }
@@ -316,7 +352,10 @@ mod tests {
             flags: F_DATA_VALID | 0x70,
             ..Default::default()
         };
-        assert_eq!(NetHdr::parse(&h, 60, ALL, false).unwrap(), NetHdr::default());
+        assert_eq!(
+            NetHdr::parse(&h, 60, ALL, false).unwrap(),
+            NetHdr::default()
+        );
         assert!(NetHdr::parse(&h, 60, ALL, true).unwrap().data_valid);
         let wire = NetHdr::parse(&h, 60, ALL, true).unwrap().to_wire(1);
         assert_eq!(wire.flags, F_DATA_VALID);

@@ -15,6 +15,7 @@
 //!
 //! The device never names a transport.
 #![deny(unsafe_code)]
+#![warn(missing_docs)]
 
 pub mod backend;
 mod chain;
@@ -42,7 +43,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 pub use backend::{BackendError, PacketBackend, PacketQueue};
 pub use chain::ChainError;
 pub use config::{
-    MacAddress, MacParseError, NetConfig, Negotiated, Offloads, DEFAULT_MAC, MAX_QUEUE_PAIRS,
+    MacAddress, MacParseError, Negotiated, NetConfig, Offloads, DEFAULT_MAC, MAX_QUEUE_PAIRS,
     MIN_MTU,
 };
 pub use state::{NetState, StateError};
@@ -50,7 +51,7 @@ pub use stats::NetStatsSnapshot;
 
 use config::{ConfigSpace, DeviceSpec, CONFIG_SIZE, STATUS_ANNOUNCE, STATUS_LINK_UP};
 use ctrl::handler::CtrlHandler;
-use handler::{PairHandler, PairSetup, QueueSlot};
+use handler::{handler_poller, PairHandler, PairSetup, QueueSlot};
 use shared::{RxState, Shared};
 
 /// Why a device could not be created.
@@ -198,6 +199,12 @@ impl Net {
         ctx: &WorkerContext,
     ) -> Result<Option<EventFd>, DeviceError> {
         let io = |context: String| move |source| DeviceError::Io { context, source };
+        // Everything that can fail is made before the backend queue leaves its slot.
+        let wake = EventFd::new(EFD_NONBLOCK).map_err(io(format!("eventfd for pair {pair}")))?;
+        let waker = wake
+            .try_clone()
+            .map_err(io(format!("eventfd for pair {pair}")))?;
+        let poller = handler_poller(&wake).map_err(io(format!("epoll for pair {pair}")))?;
         let Some(mut queue) = self.slot_queue(pair) else {
             return Err(DeviceError::Activate {
                 reason: format!("the backend queue of pair {pair} was lost"),
@@ -208,18 +215,22 @@ impl Net {
             .set_offloads(negotiated.guest)
             .and_then(|()| queue.set_enabled(serves));
         if let Err(e) = configured {
-            *self.slots[pair].lock().unwrap_or_else(PoisonError::into_inner) = Some(queue);
+            *self.slots[pair]
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner) = Some(queue);
             return Err(DeviceError::Activate {
                 reason: format!("queue pair {pair}: {e}"),
             });
         }
         if group.is_empty() {
-            *self.slots[pair].lock().unwrap_or_else(PoisonError::into_inner) = Some(queue);
+            *self.slots[pair]
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner) = Some(queue);
             return Ok(None);
         }
-        let wake = EventFd::new(EFD_NONBLOCK).map_err(io(format!("eventfd for pair {pair}")))?;
-        let waker = wake.try_clone().map_err(io(format!("eventfd for pair {pair}")))?;
         let has_rx = group.iter().any(|q| q.index() == pair as u16 * 2);
+        // From here the handler owns the backend queue and gives it back when dropped, also
+        // when the worker cannot start.
         let handler = PairHandler::new(PairSetup {
             pair: pair as u16,
             shared: self.shared.clone(),
@@ -227,11 +238,11 @@ impl Net {
             max_frame: self.spec.max_frame(),
             queue,
             home: self.slots[pair].clone(),
+            poller,
             wake,
             enabled: serves,
             has_rx,
-        })
-        .map_err(io(format!("epoll for pair {pair}")))?;
+        });
         let worker = QueueWorker::spawn(format!("net-pair-{pair}"), group, handler, ctx.clone())
             .map_err(io(format!("starting the worker of pair {pair}")))?;
         self.workers.push(worker);
@@ -274,10 +285,12 @@ impl Net {
         }
         if let Some(q) = ctrl {
             let handler = CtrlHandler::new(self.shared.clone(), negotiated, self.spec.pairs);
-            let worker = QueueWorker::spawn("net-ctrl".into(), vec![q], handler, ctx)
-                .map_err(|source| DeviceError::Io {
-                    context: "starting the control queue worker".into(),
-                    source,
+            let worker =
+                QueueWorker::spawn("net-ctrl".into(), vec![q], handler, ctx).map_err(|source| {
+                    DeviceError::Io {
+                        context: "starting the control queue worker".into(),
+                        source,
+                    }
                 })?;
             self.workers.push(worker);
         }
@@ -356,7 +369,8 @@ impl VirtioDevice for Net {
     fn reset(&mut self) -> Result<(), DeviceError> {
         drop(self.quiesce());
         *self.shared.rx_mut() = RxState::new(&self.spec);
-        self.shared.set_status(self.shared.status() & !STATUS_ANNOUNCE);
+        self.shared
+            .set_status(self.shared.status() & !STATUS_ANNOUNCE);
         self.negotiated = Negotiated::default();
         self.announce_pending = false;
         for slot in &self.slots {
@@ -368,7 +382,10 @@ impl VirtioDevice for Net {
         }
         let stats = self.shared.stats();
         if stats != NetStatsSnapshot::default() {
-            log::info!("virtio-net on {}: reset; counters: {stats}", self.backend_name);
+            log::info!(
+                "virtio-net on {}: reset; counters: {stats}",
+                self.backend_name
+            );
         }
         Ok(())
     }

@@ -88,7 +88,13 @@ pub fn segment(frame: &[u8], gso: Gso, out: &mut Vec<Vec<u8>>) -> Result<(), Off
     let l4 = match gso.kind {
         GsoKind::Tcp4 => {
             let ihl = ip.first().map_or(0, |b| usize::from(b & 0x0f) * 4);
-            if ethertype != 0x0800 || ip.len() < 20 || ip[0] >> 4 != 4 || ihl < 20 || ip.len() < ihl || ip[9] != 6 {
+            if ethertype != 0x0800
+                || ip.len() < 20
+                || ip[0] >> 4 != 4
+                || ihl < 20
+                || ip.len() < ihl
+                || ip[9] != 6
+            {
                 return Err(bad("IPv4"));
             }
             l3 + ihl
@@ -119,7 +125,11 @@ pub fn segment(frame: &[u8], gso: Gso, out: &mut Vec<Vec<u8>>) -> Result<(), Off
     let flags = tcp[13];
     let ip_id = u16::from_be_bytes([ip[4], ip[5]]);
     let wire = NetHdr::default().to_wire(0).to_bytes();
-    for (i, chunk) in payload.chunks(mss).chain(payload.is_empty().then_some(&[][..])).enumerate() {
+    for (i, chunk) in payload
+        .chunks(mss)
+        .chain(payload.is_empty().then_some(&[][..]))
+        .enumerate()
+    {
         let mut p = Vec::with_capacity(HDR_LEN + headers + chunk.len());
         p.extend_from_slice(&wire);
         p.extend_from_slice(&frame[..headers]);
@@ -205,7 +215,11 @@ pub(crate) mod tests {
         // RFC 1071's example words sum to 0xddf2 (folded); the checksum is its complement.
         let data = [0x00, 0x01, 0xf2, 0x03, 0xf4, 0xf5, 0xf6, 0xf7];
         assert_eq!(fold(sum(&data, 0)), !0xddf2);
-        assert_eq!(fold(sum(&[0xff], 0)), !0xff00, "an odd byte is the high half");
+        assert_eq!(
+            fold(sum(&[0xff], 0)),
+            !0xff00,
+            "an odd byte is the high half"
+        );
     }
 
     #[test]
@@ -214,7 +228,13 @@ pub(crate) mod tests {
         // The driver leaves the pseudo-header sum (not complemented) in the field.
         let pseudo = fold(sum(&f[26..34], 6 + 120));
         f[50..52].copy_from_slice(&(!pseudo).to_be_bytes());
-        complete_checksum(&mut f, Csum { start: 34, offset: 16 });
+        complete_checksum(
+            &mut f,
+            Csum {
+                start: 34,
+                offset: 16,
+            },
+        );
         assert!(tcp_checksum_ok(&f));
     }
 
@@ -272,7 +292,10 @@ pub(crate) mod tests {
         ));
         let v6 = tcp_frame(true, 100, 0);
         let gso = Gso { size: 1000, ..gso };
-        assert!(matches!(segment(&v6, gso, &mut Vec::new()), Err(OffloadError::Headers { .. })));
+        assert!(matches!(
+            segment(&v6, gso, &mut Vec::new()),
+            Err(OffloadError::Headers { .. })
+        ));
         assert!(segment(&f[..40], gso, &mut Vec::new()).is_err());
         let mut bad_doff = f.clone();
         bad_doff[46] = 0x20;

@@ -131,7 +131,10 @@ mod tests {
         let b = d.rx_buffer(0, 2048);
         let mut q = d.queue(0);
         let mut p = packet(100);
-        assert_eq!(place(&mut q, &mem, &mut p, false).unwrap(), Placement::Placed(1));
+        assert_eq!(
+            place(&mut q, &mem, &mut p, false).unwrap(),
+            Placement::Placed(1)
+        );
         let used = d.used(0);
         assert_eq!(used, [(u32::from(b.0), 112)]);
         let got = d.read(b.1, 112);
@@ -146,10 +149,16 @@ mod tests {
         let bufs: Vec<_> = (0..4).map(|_| d.rx_buffer(0, 512)).collect();
         let mut q = d.queue(0);
         let mut p = packet(1200);
-        assert_eq!(place(&mut q, &mem, &mut p, true).unwrap(), Placement::Placed(3));
+        assert_eq!(
+            place(&mut q, &mem, &mut p, true).unwrap(),
+            Placement::Placed(3)
+        );
         let used = d.used(0);
         assert_eq!(used.len(), 3);
-        assert_eq!(used.iter().map(|u| u.1).collect::<Vec<_>>(), [512, 512, 188]);
+        assert_eq!(
+            used.iter().map(|u| u.1).collect::<Vec<_>>(),
+            [512, 512, 188]
+        );
         let mut got = Vec::new();
         for (i, u) in used.iter().enumerate() {
             got.extend(d.read(bufs[i].1, u.1 as usize));
@@ -166,13 +175,22 @@ mod tests {
         d.rx_buffer(0, 512);
         let mut q = d.queue(0);
         let mut p = packet(1500);
-        assert_eq!(place(&mut q, &mem, &mut p, true).unwrap(), Placement::NoBuffers);
+        assert_eq!(
+            place(&mut q, &mem, &mut p, true).unwrap(),
+            Placement::NoBuffers
+        );
         assert_eq!(q.queue().next_avail(), 0, "both chains were put back");
         assert!(d.used(0).is_empty());
-        assert_eq!(place(&mut q, &mem, &mut p, false).unwrap(), Placement::TooBig);
+        assert_eq!(
+            place(&mut q, &mem, &mut p, false).unwrap(),
+            Placement::TooBig
+        );
         assert_eq!(q.queue().next_avail(), 0);
         let mut small = packet(60);
-        assert_eq!(place(&mut q, &mem, &mut small, false).unwrap(), Placement::Placed(1));
+        assert_eq!(
+            place(&mut q, &mem, &mut small, false).unwrap(),
+            Placement::Placed(1)
+        );
     }
 
     #[test]
@@ -182,7 +200,10 @@ mod tests {
         d.rx_buffer(0, 8);
         let mut q = d.queue(0);
         let mut p = packet(60);
-        assert_eq!(place(&mut q, &mem, &mut p, true).unwrap(), Placement::BadBuffers(1));
+        assert_eq!(
+            place(&mut q, &mem, &mut p, true).unwrap(),
+            Placement::BadBuffers(1)
+        );
         assert_eq!(d.used(0), [(0, 0)]);
     }
 }

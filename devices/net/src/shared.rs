@@ -96,7 +96,10 @@ impl Shared {
             if new == current {
                 return;
             }
-            match self.status.compare_exchange(current, new, Ordering::AcqRel, Ordering::Acquire) {
+            match self
+                .status
+                .compare_exchange(current, new, Ordering::AcqRel, Ordering::Acquire)
+            {
                 Ok(_) => break,
                 Err(actual) => current = actual,
             }
@@ -116,7 +119,10 @@ impl Shared {
 
     /// Tells the driver the configuration changed, now if the device runs, else at activation.
     pub fn signal_config(&self) {
-        let interrupt = self.interrupt.lock().unwrap_or_else(PoisonError::into_inner);
+        let interrupt = self
+            .interrupt
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
         match interrupt.as_ref() {
             Some(i) => i.signal_config(),
             None => self.config_dirty.store(true, Ordering::Release),
@@ -126,7 +132,10 @@ impl Shared {
     /// The device starts with `interrupt` (or stops, with `None`). A configuration change that
     /// happened while it was stopped is signalled now.
     pub fn set_interrupt(&self, interrupt: Option<Arc<dyn Interrupt>>) {
-        let mut slot = self.interrupt.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut slot = self
+            .interrupt
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
         *slot = interrupt;
         if let Some(i) = slot.as_ref() {
             if self.config_dirty.swap(false, Ordering::AcqRel) {
@@ -142,7 +151,12 @@ impl Shared {
 
     /// Wakes every pair worker to look at the receive state again.
     pub fn wake_workers(&self) {
-        for w in self.wakers.lock().unwrap_or_else(PoisonError::into_inner).iter() {
+        for w in self
+            .wakers
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+        {
             if let Err(e) = w.write(1) {
                 log::error!("virtio-net: cannot wake a queue worker: {e}");
             }

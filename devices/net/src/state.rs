@@ -1,24 +1,30 @@
 //! The device's saved state: the spec-level facts of a virtio-net device (its MAC address and
 //! link status, the receive modes, MAC and VLAN tables, the active queue pairs) and the
-//! configuration they must be restored into, in one versioned blob (magic, version, fields,
-//! CRC-32) that is refused whole if anything is off.
+//! configuration they must be restored into, as a small versioned payload written with the
+//! shared `outboard_virtio::state` codec.
 //!
 //! Layout, little-endian: `"ONET"`, version (u16); configured MAC (6), MTU (u16), queue pairs
-//! (u16); MAC (6), status (u16), receive modes (u8), active pairs (u16), unicast overflow (u8),
-//! multicast overflow (u8), unicast count (u16), multicast count (u16), the addresses (6
-//! each); the VLAN table (512); CRC-32 (IEEE) of everything before it (u32).
+//! (u16); MAC (6), status (u16), receive modes (u8), active pairs (u16), unicast overflow
+//! (bool), multicast overflow (bool), unicast count (u16), multicast count (u16), the addresses
+//! (6 each); the VLAN table (64 × u64). The framework's state envelope around it carries the
+//! format version, the device type, a CRC-32 and the size cap of the whole blob, so the payload
+//! has neither; it is refused if it is truncated, too long, of another kind or version, holds an
+//! invalid field, or comes from a device configured differently.
+
+pub use outboard_virtio::state::StateError;
+use outboard_virtio::state::{StateReader, StateWriter};
 
 use crate::config::{MacAddress, STATUS_ANNOUNCE, STATUS_LINK_UP};
 use crate::filter::{MacTable, RxMode, VlanTable, MAC_TABLE_ENTRIES, VLAN_IDS};
 
-/// The blob's first four bytes.
+/// The payload's first four bytes.
 const MAGIC: [u8; 4] = *b"ONET";
-/// The only format version.
+/// The only payload version.
 const VERSION: u16 = 1;
 const FIXED_LEN: usize = 4 + 2 + 6 + 2 + 2 + 6 + 2 + 1 + 2 + 1 + 1 + 2 + 2;
 const VLAN_LEN: usize = VLAN_IDS / 8;
-/// The largest blob: a full MAC table.
-pub const MAX_LEN: usize = FIXED_LEN + MAC_TABLE_ENTRIES * 6 + VLAN_LEN + 4;
+/// The largest payload: a full MAC table.
+pub const MAX_LEN: usize = FIXED_LEN + MAC_TABLE_ENTRIES * 6 + VLAN_LEN;
 
 /// What a virtio-net device saves.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -43,187 +49,119 @@ pub struct NetState {
     pub vlans: VlanTable,
 }
 
-/// Why a state blob was refused.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
-pub enum StateError {
-    /// The blob's length does not match its content, or exceeds the cap.
-    #[error("the state is {len} bytes, expected {expected}")]
-    Length {
-        /// Its length.
-        len: usize,
-        /// What its content implies (or the cap).
-        expected: usize,
-    },
-    /// Not a virtio-net state.
-    #[error("bad magic {found:02x?}")]
-    Magic {
-        /// The first four bytes.
-        found: [u8; 4],
-    },
-    /// A format version this code does not read.
-    #[error("state version {found} is not supported (expected {VERSION})")]
-    Version {
-        /// The blob's version.
-        found: u16,
-    },
-    /// The blob was corrupted.
-    #[error("checksum {found:#010x} does not match the content ({computed:#010x})")]
-    Checksum {
-        /// The stored checksum.
-        found: u32,
-        /// The checksum of the content.
-        computed: u32,
-    },
-    /// A field with an invalid value.
-    #[error("field {field} has the invalid value {value}")]
-    Invalid {
-        /// The field.
-        field: &'static str,
-        /// Its value.
-        value: u64,
-    },
-    /// The state comes from a device configured differently.
-    #[error("saved {field} {saved} does not match this device's {device}")]
-    Mismatch {
-        /// The field.
-        field: &'static str,
-        /// The saved value.
-        saved: String,
-        /// This device's value.
-        device: String,
-    },
-}
-
-/// CRC-32 with the IEEE polynomial (reflected), bit by bit: the blob is small.
-fn crc32(data: &[u8]) -> u32 {
-    let mut crc = !0u32;
-    for &byte in data {
-        crc ^= u32::from(byte);
-        for _ in 0..8 {
-            let mask = (crc & 1).wrapping_neg();
-            crc = (crc >> 1) ^ (0xEDB8_8320 & mask);
-        }
-    }
-    !crc
-}
-
-/// Reads fields from the front of a byte slice whose length was checked.
-struct Fields<'a>(&'a [u8]);
-
-impl Fields<'_> {
-    fn take<const N: usize>(&mut self) -> [u8; N] {
-        let (head, rest) = self.0.split_at(N);
-        self.0 = rest;
-        let mut out = [0u8; N];
-        out.copy_from_slice(head);
-        out
-    }
-    fn u8(&mut self) -> u8 {
-        self.take::<1>()[0]
-    }
-    fn u16(&mut self) -> u16 {
-        u16::from_le_bytes(self.take())
-    }
-    fn mac(&mut self) -> MacAddress {
-        MacAddress(self.take())
+fn write_mac(w: &mut StateWriter, mac: MacAddress) {
+    for b in mac.0 {
+        w.u8(b);
     }
 }
 
-fn flag(field: &'static str, value: u8) -> Result<bool, StateError> {
-    match value {
-        0 => Ok(false),
-        1 => Ok(true),
-        _ => Err(StateError::Invalid {
-            field,
-            value: value.into(),
-        }),
+fn read_mac(r: &mut StateReader, field: &'static str) -> Result<MacAddress, StateError> {
+    let mut m = [0u8; 6];
+    for b in &mut m {
+        *b = r.u8(field)?;
     }
+    Ok(MacAddress(m))
 }
 
 impl NetState {
-    /// The blob.
+    /// The payload.
     pub fn encode(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(MAX_LEN);
-        out.extend_from_slice(&MAGIC);
-        out.extend_from_slice(&VERSION.to_le_bytes());
-        out.extend_from_slice(&self.config_mac.0);
-        out.extend_from_slice(&self.mtu.to_le_bytes());
-        out.extend_from_slice(&self.max_pairs.to_le_bytes());
-        out.extend_from_slice(&self.mac.0);
-        out.extend_from_slice(&self.status.to_le_bytes());
-        out.push(self.mode.bits());
-        out.extend_from_slice(&self.pairs.to_le_bytes());
-        out.push(u8::from(self.table.unicast_overflow));
-        out.push(u8::from(self.table.multicast_overflow));
-        out.extend_from_slice(&(self.table.unicast.len() as u16).to_le_bytes());
-        out.extend_from_slice(&(self.table.multicast.len() as u16).to_le_bytes());
+        let mut w = StateWriter::new();
+        w.u32(u32::from_le_bytes(MAGIC)).u16(VERSION);
+        write_mac(&mut w, self.config_mac);
+        w.u16(self.mtu).u16(self.max_pairs);
+        write_mac(&mut w, self.mac);
+        w.u16(self.status)
+            .u8(self.mode.bits())
+            .u16(self.pairs)
+            .bool(self.table.unicast_overflow)
+            .bool(self.table.multicast_overflow)
+            .u16(self.table.unicast.len() as u16)
+            .u16(self.table.multicast.len() as u16);
         for mac in self.table.unicast.iter().chain(&self.table.multicast) {
-            out.extend_from_slice(&mac.0);
+            write_mac(&mut w, *mac);
         }
-        out.extend_from_slice(&self.vlans.to_bytes());
-        let crc = crc32(&out);
-        out.extend_from_slice(&crc.to_le_bytes());
-        out
+        for chunk in self.vlans.to_bytes().chunks_exact(8) {
+            let mut word = [0u8; 8];
+            word.copy_from_slice(chunk);
+            w.u64(u64::from_le_bytes(word));
+        }
+        w.finish()
     }
 
-    /// Reads a blob written by [`NetState::encode`], checking its size, magic, version,
-    /// checksum and every field.
+    /// Reads a payload written by [`NetState::encode`], checking its size, magic, version and
+    /// every field.
     pub fn decode(blob: &[u8]) -> Result<Self, StateError> {
-        if blob.len() < FIXED_LEN + VLAN_LEN + 4 || blob.len() > MAX_LEN {
+        if blob.len() > MAX_LEN {
             return Err(StateError::Length {
-                len: blob.len(),
-                expected: FIXED_LEN + VLAN_LEN + 4,
+                detail: format!(
+                    "a virtio-net state is at most {MAX_LEN} bytes, not {}",
+                    blob.len()
+                ),
             });
         }
-        let (content, crc) = blob.split_at(blob.len() - 4);
-        let mut f = Fields(content);
-        let magic = f.take::<4>();
-        if magic != MAGIC {
-            return Err(StateError::Magic { found: magic });
+        let mut r = StateReader::new(blob);
+        if r.u32("magic")?.to_le_bytes() != MAGIC {
+            return Err(StateError::BadMagic);
         }
-        let version = f.u16();
+        let version = r.u16("version")?;
         if version != VERSION {
-            return Err(StateError::Version { found: version });
+            return Err(StateError::field(
+                "version",
+                format!("virtio-net state version {version} is not supported (expected {VERSION})"),
+            ));
         }
-        let found = u32::from_le_bytes([crc[0], crc[1], crc[2], crc[3]]);
-        let computed = crc32(content);
-        if found != computed {
-            return Err(StateError::Checksum { found, computed });
-        }
-        let config_mac = f.mac();
-        let mtu = f.u16();
-        let max_pairs = f.u16();
-        let mac = f.mac();
-        let status = f.u16();
-        let mode_bits = f.u8();
-        let pairs = f.u16();
-        let unicast_overflow = flag("unicast_overflow", f.u8())?;
-        let multicast_overflow = flag("multicast_overflow", f.u8())?;
-        let unicast_count = usize::from(f.u16());
-        let multicast_count = usize::from(f.u16());
-        let invalid = |field: &'static str, value: u64| StateError::Invalid { field, value };
+        let config_mac = read_mac(&mut r, "configured MAC")?;
+        let mtu = r.u16("MTU")?;
+        let max_pairs = r.u16("queue pairs")?;
+        let mac = read_mac(&mut r, "MAC")?;
+        let status = r.u16("status")?;
+        let mode_bits = r.u8("receive modes")?;
+        let pairs = r.u16("active queue pairs")?;
+        let unicast_overflow = r.bool("unicast overflow")?;
+        let multicast_overflow = r.bool("multicast overflow")?;
+        let unicast_count = usize::from(r.u16("unicast entries")?);
+        let multicast_count = usize::from(r.u16("multicast entries")?);
         if unicast_count + multicast_count > MAC_TABLE_ENTRIES {
-            return Err(invalid("MAC table entries", (unicast_count + multicast_count) as u64));
+            return Err(StateError::field(
+                "MAC table",
+                format!(
+                    "{} entries exceed the table's {MAC_TABLE_ENTRIES}",
+                    unicast_count + multicast_count
+                ),
+            ));
         }
-        let expected = FIXED_LEN + (unicast_count + multicast_count) * 6 + VLAN_LEN + 4;
-        if blob.len() != expected {
-            return Err(StateError::Length {
-                len: blob.len(),
-                expected,
-            });
+        let unicast = (0..unicast_count)
+            .map(|_| read_mac(&mut r, "unicast entry"))
+            .collect::<Result<_, _>>()?;
+        let multicast = (0..multicast_count)
+            .map(|_| read_mac(&mut r, "multicast entry"))
+            .collect::<Result<_, _>>()?;
+        let mut vlan_bytes = [0u8; VLAN_LEN];
+        for chunk in vlan_bytes.chunks_exact_mut(8) {
+            chunk.copy_from_slice(&r.u64("VLAN table")?.to_le_bytes());
         }
-        let unicast = (0..unicast_count).map(|_| f.mac()).collect();
-        let multicast = (0..multicast_count).map(|_| f.mac()).collect();
-        let vlans = VlanTable::from_bytes(&f.take::<VLAN_LEN>());
-        let mode = RxMode::from_bits(mode_bits).ok_or(invalid("receive modes", mode_bits.into()))?;
+        r.finish()?;
+        let mode = RxMode::from_bits(mode_bits).ok_or_else(|| {
+            StateError::field("receive modes", format!("unknown bits in {mode_bits:#x}"))
+        })?;
         if status & !(STATUS_LINK_UP | STATUS_ANNOUNCE) != 0 {
-            return Err(invalid("status", status.into()));
+            return Err(StateError::field(
+                "status",
+                format!("unknown bits in {status:#x}"),
+            ));
         }
         if mac.is_multicast() {
-            return Err(invalid("mac (multicast)", 0));
+            return Err(StateError::field(
+                "MAC",
+                format!("{mac} is a multicast address"),
+            ));
         }
         if pairs == 0 || pairs > max_pairs {
-            return Err(invalid("active queue pairs", pairs.into()));
+            return Err(StateError::field(
+                "active queue pairs",
+                format!("{pairs} is not in 1..={max_pairs}"),
+            ));
         }
         Ok(NetState {
             config_mac,
@@ -239,18 +177,17 @@ impl NetState {
                 unicast_overflow,
                 multicast_overflow,
             },
-            vlans,
+            vlans: VlanTable::from_bytes(&vlan_bytes),
         })
     }
 
     /// Refuses a state saved by a device configured unlike `device` (its own state).
     pub fn check_matches(&self, device: &NetState) -> Result<(), StateError> {
         let mismatch = |field, saved: String, device: String| {
-            Err(StateError::Mismatch {
+            Err(StateError::field(
                 field,
-                saved,
-                device,
-            })
+                format!("saved {saved}, but this device has {device}"),
+            ))
         };
         if self.config_mac != device.config_mac {
             return mismatch(
@@ -294,80 +231,104 @@ mod tests {
             pairs: 3,
             table: MacTable::from_lists(
                 vec![MacAddress([2, 0, 0, 0, 0, 1])],
-                vec![MacAddress([1, 0, 0x5e, 0, 0, 1]), MacAddress([1, 0, 0x5e, 0, 0, 2])],
+                vec![
+                    MacAddress([1, 0, 0x5e, 0, 0, 1]),
+                    MacAddress([1, 0, 0x5e, 0, 0, 2]),
+                ],
             ),
             vlans,
         }
-    }
-
-    fn reseal(blob: &mut [u8]) {
-        let n = blob.len() - 4;
-        let crc = crc32(&blob[..n]);
-        blob[n..].copy_from_slice(&crc.to_le_bytes());
-    }
-
-    #[test]
-    fn crc32_matches_the_standard_check_value() {
-        assert_eq!(crc32(b"123456789"), 0xCBF4_3926);
     }
 
     #[test]
     fn state_round_trips() {
         let s = state();
         let blob = s.encode();
-        assert_eq!(blob.len(), FIXED_LEN + 18 + VLAN_LEN + 4);
+        assert_eq!(blob.len(), FIXED_LEN + 18 + VLAN_LEN);
+        assert_eq!(&blob[..4], b"ONET");
         assert_eq!(NetState::decode(&blob), Ok(s));
     }
 
     #[test]
-    fn corrupt_truncated_or_oversized_state_is_refused() {
+    fn truncated_long_or_foreign_state_is_refused() {
         let blob = state().encode();
-        for i in 0..blob.len() {
-            let mut bad = blob.clone();
-            bad[i] ^= 0x10;
-            assert!(NetState::decode(&bad).is_err(), "flipped byte {i} accepted");
+        for len in 0..blob.len() {
+            assert!(
+                NetState::decode(&blob[..len]).is_err(),
+                "{len} bytes accepted"
+            );
         }
-        assert!(NetState::decode(&blob[..blob.len() - 1]).is_err());
-        assert!(NetState::decode(&[]).is_err());
         let mut long = blob.clone();
-        long.extend([0; 6]);
-        reseal(&mut long);
-        assert!(matches!(NetState::decode(&long), Err(StateError::Length { .. })));
-        assert!(NetState::decode(&vec![0; MAX_LEN + 1]).is_err());
+        long.push(0);
+        assert!(matches!(
+            NetState::decode(&long),
+            Err(StateError::Length { .. })
+        ));
+        assert!(matches!(
+            NetState::decode(&vec![0; MAX_LEN + 1]),
+            Err(StateError::Length { .. })
+        ));
+        let mut bad = blob.clone();
+        bad[0] = b'X';
+        assert_eq!(NetState::decode(&bad), Err(StateError::BadMagic));
+        let mut bad = blob.clone();
+        bad[4] = 2;
+        assert!(matches!(
+            NetState::decode(&bad),
+            Err(StateError::Field {
+                field: "version",
+                ..
+            })
+        ));
     }
 
     #[test]
-    fn invalid_fields_are_refused_even_with_a_valid_checksum() {
+    fn invalid_fields_are_refused() {
         let blob = state().encode();
         let field_at = |offset: usize, value: u8| {
             let mut b = blob.clone();
             b[offset] = value;
-            reseal(&mut b);
             NetState::decode(&b)
         };
-        // status at 22..24, mode bits at 24, pairs at 25..27, overflow flags at 27 and 28,
-        // the unicast count at 29..31.
-        assert!(matches!(field_at(24, 0x40), Err(StateError::Invalid { .. })), "modes");
-        assert!(matches!(field_at(25, 0), Err(StateError::Invalid { .. })), "no pairs");
-        assert!(matches!(field_at(25, 5), Err(StateError::Invalid { .. })), "too many pairs");
-        assert!(matches!(field_at(27, 2), Err(StateError::Invalid { .. })), "overflow flag");
-        assert!(matches!(field_at(22, 4), Err(StateError::Invalid { .. })), "status");
-        assert!(matches!(field_at(16, 1), Err(StateError::Invalid { .. })), "multicast MAC");
-        assert!(matches!(field_at(29, 65), Err(StateError::Invalid { .. })), "table size");
+        // status at 22..24, modes at 24, pairs at 25..27, overflow flags at 27 and 28, the
+        // unicast count at 29..31.
+        for (offset, value, what) in [
+            (24, 0x40, "modes"),
+            (25, 0, "no pairs"),
+            (25, 5, "more pairs than the device has"),
+            (27, 2, "overflow flag"),
+            (22, 4, "status"),
+            (16, 1, "multicast MAC"),
+            (29, 65, "table size"),
+        ] {
+            assert!(
+                matches!(field_at(offset, value), Err(StateError::Field { .. })),
+                "{what}"
+            );
+        }
     }
 
     #[test]
     fn a_differently_configured_device_is_refused() {
         let s = state();
         for other in [
-            NetState { mtu: 9000, ..state() },
-            NetState { max_pairs: 2, ..state() },
+            NetState {
+                mtu: 9000,
+                ..state()
+            },
+            NetState {
+                max_pairs: 2,
+                ..state()
+            },
             NetState {
                 config_mac: MacAddress([0x52, 0x54, 0, 0, 0, 2]),
                 ..state()
             },
         ] {
-            assert!(matches!(s.check_matches(&other), Err(StateError::Mismatch { .. })));
+            assert!(matches!(
+                s.check_matches(&other),
+                Err(StateError::Field { .. })
+            ));
         }
         let same_config = NetState {
             pairs: 1,

@@ -126,7 +126,11 @@ impl<'m> MockDriver<'m> {
             .iter()
             .enumerate()
             .map(|(i, &(addr, len, writable))| {
-                let mut flags = if writable { VRING_DESC_F_WRITE as u16 } else { 0 };
+                let mut flags = if writable {
+                    VRING_DESC_F_WRITE as u16
+                } else {
+                    0
+                };
                 if i + 1 < descs.len() {
                     flags |= VRING_DESC_F_NEXT as u16;
                 }
@@ -208,7 +212,11 @@ impl<'m> MockDriver<'m> {
             );
             std::thread::sleep(Duration::from_millis(1));
         }
-        assert_eq!(out.len(), count, "queue {q}: more used entries than expected");
+        assert_eq!(
+            out.len(),
+            count,
+            "queue {q}: more used entries than expected"
+        );
         out
     }
 

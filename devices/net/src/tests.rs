@@ -5,8 +5,8 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use outboard_virtio::features::{bit, VIRTIO_F_VERSION_1};
-use vm_memory::{Bytes, GuestMemoryAtomic};
 use virtio_bindings::virtio_net::*;
+use vm_memory::{Bytes, GuestMemoryAtomic};
 
 use super::*;
 use crate::backend::switch::{Switch, SwitchConfig};
@@ -82,7 +82,12 @@ fn command(d: &mut MockDriver, ctrl: usize, bytes: &[u8]) -> u8 {
 /// Waits for `n` packets on receive queue `q` posted with `bufs` (head → address, in posting
 /// order) and returns each packet's bytes (headers included), merging buffers by
 /// `num_buffers`.
-fn receive(d: &mut MockDriver, q: usize, bufs: &[(u16, vm_memory::GuestAddress)], n: usize) -> Vec<Vec<u8>> {
+fn receive(
+    d: &mut MockDriver,
+    q: usize,
+    bufs: &[(u16, vm_memory::GuestAddress)],
+    n: usize,
+) -> Vec<Vec<u8>> {
     let mut packets = Vec::new();
     let mut used = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -109,7 +114,11 @@ fn receive(d: &mut MockDriver, q: usize, bufs: &[(u16, vm_memory::GuestAddress)]
         if packets.len() == n {
             break;
         }
-        assert!(Instant::now() < deadline, "{} of {n} packets received", packets.len());
+        assert!(
+            Instant::now() < deadline,
+            "{} of {n} packets received",
+            packets.len()
+        );
         std::thread::sleep(Duration::from_millis(1));
     }
     d.unread(q, used);
@@ -143,7 +152,13 @@ fn frames_cross_the_switch_with_and_without_mergeable_buffers() {
         let mut b = MockDriver::new(&mem_b, 3);
         let size = if mrg { 512 } else { 2048 };
         let bufs: Vec<_> = (0..16).map(|_| b.rx_buffer(0, size)).collect();
-        let keep_mrg = |f: u64| if mrg { f } else { f & !bit(VIRTIO_NET_F_MRG_RXBUF) };
+        let keep_mrg = |f: u64| {
+            if mrg {
+                f
+            } else {
+                f & !bit(VIRTIO_NET_F_MRG_RXBUF)
+            }
+        };
         let net_a = start(&switch, 0, config(MAC_A, 1), &a, keep_mrg, &[0, 1, 2]);
         let net_b = start(&switch, 1, config(MAC_B, 1), &b, keep_mrg, &[0, 1, 2]);
         let frames = vec![frame(MAC_B, MAC_A, 60, 1), frame(MAC_B, MAC_A, 1514, 2)];
@@ -172,7 +187,9 @@ fn the_device_stops_polling_the_backend_without_buffers_and_resumes_on_a_kick() 
     let net_b = start(&switch, 1, config(MAC_B, 1), &b, |f| f, &[0, 1, 2]);
     let frames: Vec<_> = (0..5).map(|i| frame(MAC_B, MAC_A, 100, i)).collect();
     transmit(&mut a, 1, &frames);
-    eventually("the switch delivered", || switch.port_stats(1).delivered == 5);
+    eventually("the switch delivered", || {
+        switch.port_stats(1).delivered == 5
+    });
     std::thread::sleep(Duration::from_millis(20));
     assert!(b.used(0).is_empty(), "no buffers, nothing placed");
     let bufs: Vec<_> = (0..5).map(|_| b.rx_buffer(0, 2048)).collect();
@@ -192,7 +209,11 @@ fn every_control_command_is_acknowledged_and_applied() {
     let net = start(&switch, 0, config(MAC_A, 2), &d, |f| f, &[0, 1, 2, 3, 4]);
     for (class, cmd) in [(0, 0), (0, 1), (0, 2), (0, 3), (0, 4), (0, 5)] {
         assert_eq!(command(&mut d, 4, &[class, cmd, 1]), OK, "RX mode {cmd} on");
-        assert_eq!(command(&mut d, 4, &[class, cmd, 0]), OK, "RX mode {cmd} off");
+        assert_eq!(
+            command(&mut d, 4, &[class, cmd, 0]),
+            OK,
+            "RX mode {cmd} off"
+        );
     }
     let mut table = vec![1, 0];
     table.extend(1u32.to_le_bytes());
@@ -211,7 +232,11 @@ fn every_control_command_is_acknowledged_and_applied() {
     assert_ne!(net.state().status & config::STATUS_ANNOUNCE, 0);
     assert_eq!(command(&mut d, 4, &[3, 0]), OK);
     let state = net.state();
-    assert_eq!(state.status & config::STATUS_ANNOUNCE, 0, "ANNOUNCE_ACK clears the bit");
+    assert_eq!(
+        state.status & config::STATUS_ANNOUNCE,
+        0,
+        "ANNOUNCE_ACK clears the bit"
+    );
     assert_eq!(state.mac, MAC_B);
     assert_eq!(state.table.unicast, [OTHER]);
     assert_eq!(state.table.multicast.len(), 1);
@@ -221,7 +246,14 @@ fn every_control_command_is_acknowledged_and_applied() {
     net.read_config(0, &mut mac);
     assert_eq!(mac, MAC_B.0, "the configuration space shows the MAC in use");
     // Malformed and unknown commands: ERR, and nothing changes.
-    for bad in [&[0, 0][..], &[0, 0, 2], &[4, 0, 3, 0], &[4, 0, 0, 0], &[9, 9], &[2, 0, 0, 0x10]] {
+    for bad in [
+        &[0, 0][..],
+        &[0, 0, 2],
+        &[4, 0, 3, 0],
+        &[4, 0, 0, 0],
+        &[9, 9],
+        &[2, 0, 0, 0x10],
+    ] {
         assert_eq!(command(&mut d, 4, bad), ERR, "{bad:?}");
     }
     assert_eq!(net.state(), state);
@@ -285,14 +317,28 @@ fn receive_filtering_follows_the_driver() {
     let mcast = MacAddress([1, 0, 0x5e, 0, 0, 9]);
     // Promiscuous after reset: a frame for another MAC arrives.
     transmit(&mut a, 1, &[frame(OTHER, MAC_A, 60, 1)]);
-    assert_eq!(receive(&mut b, 0, &bufs, 1)[0][HDR_LEN..], frame(OTHER, MAC_A, 60, 1));
+    assert_eq!(
+        receive(&mut b, 0, &bufs, 1)[0][HDR_LEN..],
+        frame(OTHER, MAC_A, 60, 1)
+    );
     assert_eq!(command(&mut b, 2, &[0, 0, 0]), OK, "promiscuous off");
     let other = frame(OTHER, MAC_A, 60, 2);
     let bcast = frame(MacAddress::BROADCAST, MAC_A, 60, 3);
     let multi = frame(mcast, MAC_A, 60, 4);
-    assert_eq!(probe(&mut a, &mut b, &bufs, vec![other.clone(), bcast.clone(), multi.clone()]), [bcast.clone()]);
+    assert_eq!(
+        probe(
+            &mut a,
+            &mut b,
+            &bufs,
+            vec![other.clone(), bcast.clone(), multi.clone()]
+        ),
+        vec![bcast.clone()]
+    );
     assert_eq!(command(&mut b, 2, &[0, 1, 1]), OK, "allmulti");
-    assert_eq!(probe(&mut a, &mut b, &bufs, vec![multi.clone()]), [multi.clone()]);
+    assert_eq!(
+        probe(&mut a, &mut b, &bufs, vec![multi.clone()]),
+        vec![multi.clone()]
+    );
     assert_eq!(command(&mut b, 2, &[0, 1, 0]), OK);
     let mut table = vec![1, 0];
     table.extend(1u32.to_le_bytes());
@@ -300,19 +346,34 @@ fn receive_filtering_follows_the_driver() {
     table.extend(1u32.to_le_bytes());
     table.extend(mcast.0);
     assert_eq!(command(&mut b, 2, &table), OK);
-    assert_eq!(probe(&mut a, &mut b, &bufs, vec![other.clone(), multi.clone()]), [other.clone(), multi.clone()]);
+    assert_eq!(
+        probe(&mut a, &mut b, &bufs, vec![other.clone(), multi.clone()]),
+        [other.clone(), multi.clone()]
+    );
     assert_eq!(command(&mut b, 2, &[0, 5, 1]), OK, "nobcast");
-    assert_eq!(probe(&mut a, &mut b, &bufs, vec![bcast.clone()]), Vec::<Vec<u8>>::new());
+    assert_eq!(
+        probe(&mut a, &mut b, &bufs, vec![bcast.clone()]),
+        Vec::<Vec<u8>>::new()
+    );
     assert_eq!(command(&mut b, 2, &[0, 3, 1]), OK, "nomulti");
-    assert_eq!(probe(&mut a, &mut b, &bufs, vec![multi.clone()]), Vec::<Vec<u8>>::new());
+    assert_eq!(
+        probe(&mut a, &mut b, &bufs, vec![multi.clone()]),
+        Vec::<Vec<u8>>::new()
+    );
     // VLAN filtering: tagged frames need their VID in the table.
     let mut tagged = MAC_B.0.to_vec();
     tagged.extend(MAC_A.0);
     tagged.extend([0x81, 0x00, 0x00, 0x07, 0x88, 0xb5]);
     tagged.resize(64, 0x5a);
-    assert_eq!(probe(&mut a, &mut b, &bufs, vec![tagged.clone()]), Vec::<Vec<u8>>::new());
+    assert_eq!(
+        probe(&mut a, &mut b, &bufs, vec![tagged.clone()]),
+        Vec::<Vec<u8>>::new()
+    );
     assert_eq!(command(&mut b, 2, &[2, 0, 7, 0]), OK);
-    assert_eq!(probe(&mut a, &mut b, &bufs, vec![tagged.clone()]), [tagged.clone()]);
+    assert_eq!(
+        probe(&mut a, &mut b, &bufs, vec![tagged.clone()]),
+        vec![tagged.clone()]
+    );
     assert_eq!(command(&mut b, 2, &[0, 0, 1]), OK, "promiscuous again");
     assert_eq!(probe(&mut a, &mut b, &bufs, vec![other.clone()]), [other]);
     assert!(net_b.stats().rx_filtered >= 5);
@@ -339,10 +400,13 @@ fn oversized_and_malformed_transmissions_are_dropped_and_counted() {
     let used = a.wait_used(1, 4);
     assert!(used.iter().all(|u| u.1 == 0));
     let stats = net_a.stats();
-    assert_eq!((stats.tx_oversize, stats.tx_malformed, stats.tx_packets), (2, 2, 0));
+    assert_eq!(
+        (stats.tx_oversize, stats.tx_malformed, stats.tx_packets),
+        (2, 2, 0)
+    );
     // A frame of exactly MTU + Ethernet + VLAN header passes.
     let max = frame(MAC_B, MAC_A, 1500 + 18, 3);
-    transmit(&mut a, 1, &[max.clone()]);
+    transmit(&mut a, 1, std::slice::from_ref(&max));
     assert_eq!(receive(&mut b, 0, &bufs, 1)[0][HDR_LEN..], max[..]);
 }
 
@@ -400,7 +464,9 @@ fn pairs_beyond_vq_pairs_set_receive_nothing() {
     let udp = |port: u16| {
         let mut f = MAC_B.0.to_vec();
         f.extend(MAC_A.0);
-        f.extend([0x08, 0x00, 0x45, 0, 0, 28, 0, 0, 0, 0, 64, 17, 0, 0, 10, 0, 0, 1, 10, 0, 0, 2]);
+        f.extend([
+            0x08, 0x00, 0x45, 0, 0, 28, 0, 0, 0, 0, 64, 17, 0, 0, 10, 0, 0, 1, 10, 0, 0, 2,
+        ]);
         f.extend(port.to_be_bytes());
         f.extend([0, 53, 0, 8, 0, 0]);
         f
@@ -448,7 +514,11 @@ fn configuration_space_and_link_status() {
     assert_eq!(net.queue_max_sizes().len(), 5);
     let f = net.device_features();
     assert_ne!(f & bit(VIRTIO_NET_F_MQ), 0);
-    assert_ne!(f & bit(VIRTIO_NET_F_HOST_TSO4), 0, "the switch carries offloads");
+    assert_ne!(
+        f & bit(VIRTIO_NET_F_HOST_TSO4),
+        0,
+        "the switch carries offloads"
+    );
 }
 
 #[test]
@@ -479,7 +549,10 @@ fn a_config_change_made_while_stopped_is_signalled_at_activation() {
     });
     assert!(matches!(e, Err(DeviceError::Activate { .. })), "{e:?}");
     let queues = net.quiesce();
-    assert_eq!(queues.iter().map(|q| q.index()).collect::<Vec<_>>(), [0, 1, 2]);
+    assert_eq!(
+        queues.iter().map(|q| q.index()).collect::<Vec<_>>(),
+        [0, 1, 2]
+    );
 }
 
 #[test]
@@ -499,9 +572,15 @@ fn state_round_trips_and_refuses_other_devices() {
     assert!(restored.state().vlans.contains(42));
     let mut other = Net::new(config(MAC_B, 2), Box::new(switch.port(2))).unwrap();
     let before = other.state();
-    assert!(matches!(other.load_state(&saved), Err(DeviceError::State { .. })));
+    assert!(matches!(
+        other.load_state(&saved),
+        Err(DeviceError::State { .. })
+    ));
     assert_eq!(other.state(), before, "a refused state changes nothing");
-    assert!(matches!(other.load_state(&saved[..10]), Err(DeviceError::State { .. })));
+    assert!(matches!(
+        other.load_state(&saved[..10]),
+        Err(DeviceError::State { .. })
+    ));
     net.reset().unwrap();
     assert!(net.state().mode.promisc, "reset restores the defaults");
     assert_eq!(net.state().pairs, 1);

@@ -181,7 +181,11 @@ impl NetCtrlQueue {
         } else {
             VIRTIO_NET_CTRL_VLAN_DEL
         };
-        self.command(VIRTIO_NET_CTRL_VLAN as u8, command as u8, &vid.to_le_bytes())
+        self.command(
+            VIRTIO_NET_CTRL_VLAN as u8,
+            command as u8,
+            &vid.to_le_bytes(),
+        )
     }
 
     /// `VIRTIO_NET_CTRL_ANNOUNCE_ACK`.

@@ -294,7 +294,9 @@ impl NetDriver {
             if status & DEVICE_NEEDS_RESET != 0 {
                 return Err(NetError::Device {
                     queue: 0,
-                    reason: format!("the device needs a reset after DRIVER_OK (status {status:#x})"),
+                    reason: format!(
+                        "the device needs a reset after DRIVER_OK (status {status:#x})"
+                    ),
                 });
             }
         } else {
@@ -318,7 +320,12 @@ impl NetDriver {
                 opts.timeout,
             )?);
             let tq = take(&mut session, p * 2 + 1)?;
-            tx.push(NetTxQueue::new(session.ram_mut(), tq, opts.tx_slots, opts.timeout)?);
+            tx.push(NetTxQueue::new(
+                session.ram_mut(),
+                tq,
+                opts.tx_slots,
+                opts.timeout,
+            )?);
         }
         let ctrl = match ctrl_index {
             Some(i) => {
@@ -370,12 +377,16 @@ impl NetDriver {
 
     /// The receive queue of pair `pair`.
     pub fn rx(&mut self, pair: u16) -> Result<&mut NetRxQueue, NetError> {
-        self.rx.get_mut(usize::from(pair)).ok_or(NetError::NoPair(pair))
+        self.rx
+            .get_mut(usize::from(pair))
+            .ok_or(NetError::NoPair(pair))
     }
 
     /// The transmit queue of pair `pair`.
     pub fn tx(&mut self, pair: u16) -> Result<&mut NetTxQueue, NetError> {
-        self.tx.get_mut(usize::from(pair)).ok_or(NetError::NoPair(pair))
+        self.tx
+            .get_mut(usize::from(pair))
+            .ok_or(NetError::NoPair(pair))
     }
 
     /// The control queue.

@@ -142,9 +142,9 @@ impl NetRxQueue {
             return Ok(None);
         };
         if (len as usize) < NET_HDR_LEN {
-            return Err(self.device_error(format!(
-                "a used length of {len} is shorter than the header"
-            )));
+            return Err(
+                self.device_error(format!("a used length of {len} is shorter than the header"))
+            );
         }
         let mut raw = [0u8; NET_HDR_LEN];
         self.bufs[i].read_at(0, &mut raw);
@@ -208,11 +208,12 @@ impl NetRxQueue {
     /// Waits for the next packet, the driver's default timeout, or fails.
     pub fn expect(&mut self) -> Result<RxPacket, NetError> {
         let timeout = self.timeout;
-        self.recv(timeout)?.ok_or(NetError::Queue(QueueError::Timeout {
-            queue: self.dq.index(),
-            waited: timeout,
-            in_flight: self.dq.in_flight(),
-        }))
+        self.recv(timeout)?
+            .ok_or(NetError::Queue(QueueError::Timeout {
+                queue: self.dq.index(),
+                waited: timeout,
+                in_flight: self.dq.in_flight(),
+            }))
     }
 
     /// Every packet that arrives until none has for `quiet`.

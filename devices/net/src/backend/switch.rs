@@ -148,10 +148,14 @@ impl Switch {
             reason,
         };
         if pairs == 0 || pairs > MAX_QUEUE_PAIRS {
-            return Err(unusable(format!("{pairs} queue pairs (1..={MAX_QUEUE_PAIRS})")));
+            return Err(unusable(format!(
+                "{pairs} queue pairs (1..={MAX_QUEUE_PAIRS})"
+            )));
         }
         if config.queue_capacity == 0 || config.table_capacity == 0 {
-            return Err(unusable("queue and table capacities must be nonzero".into()));
+            return Err(unusable(
+                "queue and table capacities must be nonzero".into(),
+            ));
         }
         let mut all = Vec::with_capacity(ports);
         for p in 0..ports {
@@ -209,7 +213,11 @@ impl Switch {
 
     /// The port `mac` was learned on, if any.
     pub fn lookup(&self, mac: MacAddress) -> Option<usize> {
-        let table = self.inner.table.lock().unwrap_or_else(PoisonError::into_inner);
+        let table = self
+            .inner
+            .table
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
         table.get(&mac).map(|l| l.port)
     }
 }
@@ -223,7 +231,10 @@ impl SwitchInner {
             let now = Instant::now();
             for packet in batch.drain(..) {
                 if packet.len() < HDR_LEN + ETH_HLEN {
-                    self.ports[from].counters.dropped_invalid.fetch_add(1, Ordering::Relaxed);
+                    self.ports[from]
+                        .counters
+                        .dropped_invalid
+                        .fetch_add(1, Ordering::Relaxed);
                     continue;
                 }
                 let frame = &packet[HDR_LEN..];
@@ -242,7 +253,10 @@ impl SwitchInner {
                 };
                 match known {
                     Some(port) if port == from => {
-                        self.ports[from].counters.dropped_invalid.fetch_add(1, Ordering::Relaxed);
+                        self.ports[from]
+                            .counters
+                            .dropped_invalid
+                            .fetch_add(1, Ordering::Relaxed);
                     }
                     Some(port) => out.push((port, packet)),
                     None => {
@@ -272,7 +286,13 @@ impl SwitchInner {
         }
     }
 
-    fn learn(&self, table: &mut HashMap<MacAddress, Learned>, mac: MacAddress, port: usize, now: Instant) {
+    fn learn(
+        &self,
+        table: &mut HashMap<MacAddress, Learned>,
+        mac: MacAddress,
+        port: usize,
+        now: Instant,
+    ) {
         if let Some(entry) = table.get_mut(&mac) {
             entry.port = port;
             entry.seen = now;
@@ -303,7 +323,10 @@ impl SwitchInner {
         }
         let pair = bits.trailing_zeros() as usize;
         let ingress = &p.pairs[pair];
-        let mut queue = ingress.packets.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut queue = ingress
+            .packets
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
         if queue.len() >= self.config.queue_capacity {
             p.counters.dropped_full.fetch_add(1, Ordering::Relaxed);
             return;
@@ -368,7 +391,10 @@ impl PacketQueue for SwitchQueue {
 
     fn recv(&mut self, packet: &mut Vec<u8>) -> Result<bool, BackendError> {
         let ingress = self.ingress();
-        let mut queue = ingress.packets.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut queue = ingress
+            .packets
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
         let Some(next) = queue.pop_front() else {
             return Ok(false);
         };
@@ -398,7 +424,10 @@ impl PacketQueue for SwitchQueue {
         } else {
             port.enabled.fetch_and(!bit, Ordering::AcqRel);
             let ingress = self.ingress();
-            let mut queue = ingress.packets.lock().unwrap_or_else(PoisonError::into_inner);
+            let mut queue = ingress
+                .packets
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
             port.counters
                 .dropped_down
                 .fetch_add(queue.len() as u64, Ordering::Relaxed);
@@ -457,7 +486,11 @@ mod tests {
         assert!(received(&mut c[0]).is_empty(), "A was learned");
         a[0].send(&mut vec![packet(B, A, 3), packet([0xff; 6], A, 4)]);
         assert_eq!(received(&mut b[0]).len(), 2);
-        assert_eq!(received(&mut c[0]), [packet([0xff; 6], A, 4)], "broadcast floods");
+        assert_eq!(
+            received(&mut c[0]),
+            [packet([0xff; 6], A, 4)],
+            "broadcast floods"
+        );
     }
 
     #[test]
@@ -480,7 +513,7 @@ mod tests {
     fn the_ready_fd_follows_the_queue() {
         let s = Switch::new(2, 1, SwitchConfig::default()).unwrap();
         let (mut a, mut b) = (queues(&s, 0), queues(&s, 1));
-        let readable = |q: &Box<dyn PacketQueue>| {
+        let readable = |q: &dyn PacketQueue| {
             let mut fds = [libc::pollfd {
                 fd: q.ready_fd(),
                 events: libc::POLLIN,
@@ -491,14 +524,14 @@ mod tests {
             let n = unsafe { libc::poll(fds.as_mut_ptr(), 1, 0) };
             n == 1
         };
-        assert!(!readable(&b[0]));
+        assert!(!readable(b[0].as_ref()));
         a[0].send(&mut vec![packet(B, A, 1), packet(B, A, 2)]);
-        assert!(readable(&b[0]));
+        assert!(readable(b[0].as_ref()));
         let mut p = Vec::new();
         assert!(b[0].recv(&mut p).unwrap());
-        assert!(readable(&b[0]), "one packet left");
+        assert!(readable(b[0].as_ref()), "one packet left");
         assert!(b[0].recv(&mut p).unwrap());
-        assert!(!readable(&b[0]));
+        assert!(!readable(b[0].as_ref()));
     }
 
     #[test]
@@ -514,7 +547,9 @@ mod tests {
             let mut p = vec![0u8; HDR_LEN];
             p.extend(B);
             p.extend(A);
-            p.extend([0x08, 0x00, 0x45, 0, 0, 28, 0, 0, 0, 0, 64, 17, 0, 0, 10, 0, 0, 1, 10, 0, 0, 2]);
+            p.extend([
+                0x08, 0x00, 0x45, 0, 0, 28, 0, 0, 0, 0, 64, 17, 0, 0, 10, 0, 0, 1, 10, 0, 0, 2,
+            ]);
             p.extend(port.to_be_bytes());
             p.extend([0, 53, 0, 8, 0, 0]);
             batch.push(p);

@@ -51,7 +51,8 @@ impl Tap {
         let (actual, multi_queue) = match sys::set_iff(&first, name, flags | sys::IFF_MULTI_QUEUE) {
             Ok(actual) => (actual, true),
             Err(e) if e.raw_os_error() == Some(libc::EINVAL) && queues == 1 => {
-                let actual = sys::set_iff(&first, name, flags).map_err(io_error("TUNSETIFF", &what))?;
+                let actual =
+                    sys::set_iff(&first, name, flags).map_err(io_error("TUNSETIFF", &what))?;
                 (actual, false)
             }
             Err(e) => return Err(io_error("TUNSETIFF", &what)(e)),
@@ -76,8 +77,7 @@ impl Tap {
         let unusable = |what: String, reason: String| BackendError::Unusable { what, reason };
         for fd in fds {
             let what = format!("TAP file descriptor {}", fd.as_raw_fd());
-            let (ifname, flags) =
-                sys::get_iff(fd.as_fd()).map_err(io_error("TUNGETIFF", &what))?;
+            let (ifname, flags) = sys::get_iff(fd.as_fd()).map_err(io_error("TUNGETIFF", &what))?;
             let need: c_short = sys::IFF_TAP | sys::IFF_NO_PI | sys::IFF_VNET_HDR;
             if flags & need != need {
                 return Err(unusable(
@@ -200,7 +200,11 @@ impl TapQueue {
     /// Logs the first write error and then one in a thousand.
     fn log_send_error(&mut self, e: &io::Error) {
         if self.errors % 1000 == 0 {
-            log::warn!("{}: cannot send a packet: {e} ({} so far)", self.what(), self.errors + 1);
+            log::warn!(
+                "{}: cannot send a packet: {e} ({} so far)",
+                self.what(),
+                self.errors + 1
+            );
         }
         self.errors += 1;
     }
@@ -245,7 +249,8 @@ impl PacketQueue for TapQueue {
                 Ok(n) if n == packet.len() => {}
                 Ok(n) => {
                     dropped += 1;
-                    let e = io::Error::other(format!("short write of {n} of {} bytes", packet.len()));
+                    let e =
+                        io::Error::other(format!("short write of {n} of {} bytes", packet.len()));
                     self.log_send_error(&e);
                 }
                 Err(e) => {

@@ -1,6 +1,6 @@
 //! The control queue (VIRTIO 1.2, section 5.1.6.5): commands parsed at the trust boundary into
 //! [`CtrlCommand`]s, checked against what the driver negotiated, then applied by the control
-//! worker ([`handler::CtrlHandler`]).
+//! worker (`handler::CtrlHandler`).
 //!
 //! A command is `struct virtio_net_ctrl { u8 class; u8 command; u8 command-specific-data[];
 //! u8 ack; }`: the class, command and data are the device-readable bytes of the chain (framed
@@ -144,11 +144,7 @@ fn exact<const N: usize>(command: &'static str, data: &[u8]) -> Result<[u8; N], 
     })
 }
 
-fn needs(
-    negotiated: bool,
-    command: &'static str,
-    feature: &'static str,
-) -> Result<(), CtrlError> {
+fn needs(negotiated: bool, command: &'static str, feature: &'static str) -> Result<(), CtrlError> {
     if negotiated {
         Ok(())
     } else {
@@ -171,11 +167,14 @@ fn mac_list<'a>(
         });
     };
     let count = u32::from_le_bytes(*count) as usize;
-    let bytes = count.checked_mul(6).filter(|&b| b <= rest.len()).ok_or(CtrlError::Value {
-        command: COMMAND,
-        field: which,
-        value: count as u64,
-    })?;
+    let bytes = count
+        .checked_mul(6)
+        .filter(|&b| b <= rest.len())
+        .ok_or(CtrlError::Value {
+            command: COMMAND,
+            field: which,
+            value: count as u64,
+        })?;
     let macs = rest[..bytes]
         .chunks_exact(6)
         .map(|c| {
@@ -237,7 +236,11 @@ impl CtrlCommand {
                     Ok(CtrlCommand::MacTableSet { unicast, multicast })
                 }
                 VIRTIO_NET_CTRL_MAC_ADDR_SET => {
-                    needs(n.ctrl_mac_addr, "MAC_ADDR_SET", "VIRTIO_NET_F_CTRL_MAC_ADDR")?;
+                    needs(
+                        n.ctrl_mac_addr,
+                        "MAC_ADDR_SET",
+                        "VIRTIO_NET_F_CTRL_MAC_ADDR",
+                    )?;
                     let mac = MacAddress(exact::<6>("MAC_ADDR_SET", data)?);
                     if mac.is_multicast() {
                         return Err(CtrlError::Value {
@@ -344,7 +347,9 @@ mod tests {
         assert_eq!(multicast.len(), 2);
         assert_eq!(
             parse(&[1, 1, 0x52, 0x54, 0, 0, 0, 9]),
-            Ok(CtrlCommand::MacAddrSet(MacAddress([0x52, 0x54, 0, 0, 0, 9])))
+            Ok(CtrlCommand::MacAddrSet(MacAddress([
+                0x52, 0x54, 0, 0, 0, 9
+            ])))
         );
         assert_eq!(parse(&[2, 0, 0xff, 0x0f]), Ok(CtrlCommand::VlanAdd(4095)));
         assert_eq!(parse(&[2, 1, 5, 0]), Ok(CtrlCommand::VlanDel(5)));
@@ -404,8 +409,12 @@ mod tests {
                 "{cmd:?}"
             );
         }
-        let rx_only = Negotiated::from_features(bit(VIRTIO_NET_F_CTRL_VQ) | bit(VIRTIO_NET_F_CTRL_RX));
+        let rx_only =
+            Negotiated::from_features(bit(VIRTIO_NET_F_CTRL_VQ) | bit(VIRTIO_NET_F_CTRL_RX));
         assert!(CtrlCommand::parse(&[0, 0, 1], &rx_only, 1).is_ok());
-        assert!(CtrlCommand::parse(&[0, 3, 1], &rx_only, 1).is_err(), "NOMULTI needs RX_EXTRA");
+        assert!(
+            CtrlCommand::parse(&[0, 3, 1], &rx_only, 1).is_err(),
+            "NOMULTI needs RX_EXTRA"
+        );
     }
 }

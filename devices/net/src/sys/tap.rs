@@ -148,7 +148,10 @@ mod tests {
         assert_eq!(IfReq::new("tap0", 0).unwrap().name(), "tap0");
         assert!(IfReq::new("a-name-that-is-16", 0).is_err());
         assert!(IfReq::new("nul\0", 0).is_err());
-        assert_eq!(IfReq::new("exactly15bytes!", 0).unwrap().name(), "exactly15bytes!");
+        assert_eq!(
+            IfReq::new("exactly15bytes!", 0).unwrap().name(),
+            "exactly15bytes!"
+        );
     }
 
     #[test]
