@@ -33,8 +33,10 @@
 //! two polling workers on one CPU), `--max-noise CPUS` (0.1) and `--retries N` (2): a run during
 //! which other processes or hypervisor steal took more than CPUS is repeated up to N times and
 //! the quietest attempt kept (the machine is shared), while the matrix still fits `--budget S`
-//! (280), `--no-pin`, `--out PATH` (report base name, default
-//! `target/bench-blk`), `--bin PATH` (our binary).
+//! (280), `--wait-quiet S` (0: before each cell, wait up to S seconds for other processes to
+//! go quiet; not counted in the budget), `--no-pin`, `--out PATH` (report base name, default
+//! `target/bench-blk`), `--bin PATH` (our binary), `--baseline PATH` (every variant of ours
+//! also runs with this binary, as `<variant>@base`: an A/B comparison of two builds).
 
 mod blkbench;
 
@@ -56,11 +58,13 @@ const BACKEND_CPU: usize = 0;
 const FRONTEND_CPU: usize = 1;
 
 /// The backends of the matrix for `queues` queues on `storage`.
-fn variants(queues: u16, storage: &str, poll_us: u64, extra: bool) -> Vec<Variant> {
+fn variants(queues: u16, storage: &str, opts: &Options) -> Vec<Variant> {
+    let (poll_us, extra) = (opts.poll_us, opts.extra);
     let v = |name: &str, program| Variant {
         name: name.to_string(),
         program,
         queues,
+        bin: None,
     };
     let poll = format!("ours-poll{poll_us}");
     let mut out = vec![
@@ -114,6 +118,18 @@ fn variants(queues: u16, storage: &str, poll_us: u64, extra: bool) -> Vec<Varian
                 engine: Engine::IoUring,
             },
         ));
+    }
+    if let Some(base) = &opts.baseline {
+        let copies: Vec<Variant> = out
+            .iter()
+            .filter(|v| !v.is_qsd())
+            .map(|v| Variant {
+                name: format!("{}@base", v.name),
+                bin: Some(base.clone()),
+                ..v.clone()
+            })
+            .collect();
+        out.extend(copies);
     }
     out
 }
@@ -270,7 +286,7 @@ fn run(env: &Env) -> ExitCode {
     // Which rows run: selected ones, plus the reference of every cell with a selected row.
     let mut rows: Vec<Row> = Vec::new();
     for key in &cells {
-        let vs = variants(key.queues, key.storage, opts.poll_us, opts.extra);
+        let vs = variants(key.queues, key.storage, opts);
         let any = vs.iter().any(|v| selected(&opts.only, &row_label(v, key)));
         for v in vs {
             let reference = v.name == REFERENCE && !opts.no_ref;
@@ -369,9 +385,10 @@ fn run(env: &Env) -> ExitCode {
     // Disturbed runs are repeated only while the rest of the matrix still fits the time
     // budget, so that a busy machine cannot stretch the run without bound.
     let run_secs = opts.secs + opts.warmup + 0.02;
-    let measuring = Instant::now();
+    let mut measuring = Instant::now();
+    let mut waited = Duration::ZERO;
     let mut runs_left = rows.len() * opts.reps;
-    let may_retry = |runs_left: usize| {
+    let may_retry = |measuring: Instant, runs_left: usize| {
         measuring.elapsed().as_secs_f64() + (runs_left + 1) as f64 * run_secs <= opts.budget
     };
     for rep in 0..opts.reps {
@@ -379,6 +396,15 @@ fn run(env: &Env) -> ExitCode {
             let idx: Vec<usize> = (0..rows.len()).filter(|&i| rows[i].key == *key).collect();
             if idx.is_empty() {
                 continue;
+            }
+            if opts.wait_quiet > 0.0 {
+                let w = host::wait_quiet(Duration::from_secs_f64(opts.wait_quiet), opts.max_noise);
+                if w >= Duration::from_millis(500) {
+                    eprintln!("  waited {:.0} s for other work to stop", w.as_secs_f64());
+                }
+                // Waiting does not count against the budget.
+                measuring += w;
+                waited += w;
             }
             let seed = (rep as u64) << 32 | ci as u64;
             // Rotate the order per repetition.
@@ -401,7 +427,7 @@ fn run(env: &Env) -> ExitCode {
                 while let Some(s) = sample {
                     if s.noise_cpus <= opts.max_noise
                         || attempts > opts.retries
-                        || !may_retry(runs_left)
+                        || !may_retry(measuring, runs_left)
                     {
                         break;
                     }
@@ -412,6 +438,14 @@ fn run(env: &Env) -> ExitCode {
                         row_label(&row.variant, key),
                         s.noise_cpus
                     );
+                    if opts.wait_quiet > 0.0 {
+                        let w = host::wait_quiet(
+                            Duration::from_secs_f64(opts.wait_quiet),
+                            opts.max_noise,
+                        );
+                        measuring += w;
+                        waited += w;
+                    }
                     sample = match measure(peer, key, seed, timing) {
                         Some(n) if n.noise_cpus < s.noise_cpus => Some(n),
                         Some(_) => Some(s),
@@ -444,6 +478,12 @@ fn run(env: &Env) -> ExitCode {
         }
     }
 
+    if !waited.is_zero() {
+        eprintln!(
+            "blk bench: waited {:.0} s in all for the machine to go quiet",
+            waited.as_secs_f64()
+        );
+    }
     let meta = metadata(opts, facts, pin, &peers, stale);
     let table = report::markdown_table(&rows);
     let md = markdown(opts, facts, pin, &peers, &table, stale);

@@ -62,16 +62,18 @@ fn case<'a>(report: &'a Value, name: &str) -> &'a Value {
 }
 
 #[test]
-fn hundred_migrations_under_load_lose_no_write() {
+fn hundred_migrations_of_two_busy_queues_lose_no_write() {
     let dir = TempDir::new("mig-100");
     let d = disk(&dir, "disk.img", DISK);
-    let backend = blk_command(&d, "");
+    let backend = blk_command(&d, "--num-queues 2");
     let r = run_migrate(
         &dir,
         &[
             "migrate",
             "--count",
             "100",
+            "--queues",
+            "2",
             "--backend",
             &backend,
             "--ops-per-hop",
@@ -91,7 +93,7 @@ fn hundred_migrations_under_load_lose_no_write() {
     assert!(req["writes"].as_u64().unwrap() > 1000, "{req}");
     // Requests were in flight at every stop and were completed by one side or the other.
     let f = &r["in_flight_at_stop"];
-    assert!(f["total"].as_u64().unwrap() >= 100 * 8, "{f}");
+    assert!(f["total"].as_u64().unwrap() >= 100 * 16, "{f}");
     assert_eq!(
         f["total"].as_u64().unwrap(),
         f["completed_by_source"].as_u64().unwrap() + f["resumed_by_destination"].as_u64().unwrap()

@@ -10,6 +10,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use common::blk::{pattern, verified_io, BlkBackend};
+use common::{Backend, TempDir};
 use outboard_frontend::{BlkRange, BlkStatus};
 
 /// What /proc/PID/task/TID/status says about one thread.
@@ -258,4 +259,32 @@ fn the_socket_file_is_removed_even_when_the_backend_is_killed() {
         std::thread::sleep(Duration::from_millis(10));
     }
     assert!(!Path::new(&b.socket).exists());
+}
+
+#[test]
+fn a_killed_backends_reaper_leaves_a_restarted_backends_socket_alone() {
+    // A supervisor restarting a killed backend at once binds a new socket at the same path
+    // while the old one's reaper wakes up; the file system may give it the same inode number.
+    let dir = TempDir::new("sbx-restart");
+    let sock = dir.path("blk.sock");
+    let args = |log: &str| -> (Vec<String>, std::path::PathBuf) {
+        let a = ["--socket-path", sock.to_str().unwrap(), "--null-size", "1M"];
+        (a.iter().map(|s| s.to_string()).collect(), dir.path(log))
+    };
+    for round in 0..5 {
+        let (a_args, a_log) = args("a.log");
+        let mut a = Backend::start("vhost-user-blk", &sock, &a_args, a_log);
+        a.child.kill().unwrap();
+        a.child.wait().unwrap();
+        let (b_args, b_log) = args("b.log");
+        let mut b = Backend::start("vhost-user-blk", &sock, &b_args, b_log);
+        std::thread::sleep(Duration::from_millis(200));
+        assert!(
+            sock.exists(),
+            "round {round}: the old reaper removed the new socket"
+        );
+        std::os::unix::net::UnixStream::connect(&sock)
+            .unwrap_or_else(|e| panic!("round {round}: cannot connect to the new backend: {e}"));
+        b.assert_alive();
+    }
 }

@@ -77,6 +77,8 @@ pub struct Variant {
     pub program: Program,
     /// Request queues.
     pub queues: u16,
+    /// Our binary for this variant, if not the launcher's (A/B runs of two builds).
+    pub bin: Option<PathBuf>,
 }
 
 impl Variant {
@@ -156,7 +158,7 @@ impl Launcher {
                 threads,
                 engine,
             } => {
-                cmd.push(self.ours.display().to_string());
+                cmd.push(v.bin.as_ref().unwrap_or(&self.ours).display().to_string());
                 cmd.extend(["--socket-path".into(), socket.display().to_string()]);
                 match storage {
                     Storage::Null(size) => {

@@ -57,6 +57,26 @@ impl SystemCounters {
     }
 }
 
+/// Waits up to `limit` until other processes use less than `max_cpus` (measured over 200 ms,
+/// while this process and its idle backends do nothing). Returns how long it waited.
+pub fn wait_quiet(limit: std::time::Duration, max_cpus: f64) -> std::time::Duration {
+    let start = std::time::Instant::now();
+    loop {
+        let before = SystemCounters::read();
+        let t = std::time::Instant::now();
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        let after = SystemCounters::read();
+        let busy = (after.busy_ticks + after.steal_ticks)
+            .saturating_sub(before.busy_ticks + before.steal_ticks) as f64
+            / TICKS_PER_SEC
+            / t.elapsed().as_secs_f64();
+        if busy <= max_cpus || start.elapsed() >= limit {
+            return start.elapsed();
+        }
+        std::thread::sleep(std::time::Duration::from_millis(800));
+    }
+}
+
 /// CPUs online.
 pub fn cpus() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())

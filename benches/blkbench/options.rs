@@ -31,6 +31,9 @@ pub struct Options {
     pub retries: u32,
     /// Repeat disturbed runs only while the whole matrix still fits this many seconds.
     pub budget: f64,
+    /// Before each cell, wait up to this many seconds for other processes to go quiet (0: do
+    /// not wait). Waiting does not count against the budget.
+    pub wait_quiet: f64,
     /// Pin the backend and the frontend to their CPUs.
     pub pin: bool,
     /// Short smoke run.
@@ -39,6 +42,8 @@ pub struct Options {
     pub out: PathBuf,
     /// Our backend binary.
     pub bin: PathBuf,
+    /// Another build of it to compare with (its rows are named `<variant>@base`).
+    pub baseline: Option<PathBuf>,
 }
 
 /// Prints `msg` and how to get help, and exits with status 2.
@@ -73,10 +78,12 @@ impl Options {
             max_noise: 0.1,
             retries: 2,
             budget: 280.0,
+            wait_quiet: 0.0,
             pin: true,
             quick: false,
             out: host::target_dir().join("bench-blk"),
             bin: host::ours_binary(),
+            baseline: None,
         };
         // Environment first, then arguments (which win).
         let mut pairs: Vec<(String, Option<String>)> = Vec::new();
@@ -95,6 +102,7 @@ impl Options {
             "out",
             "max-noise",
             "budget",
+            "wait-quiet",
             "retries",
         ] {
             let var = format!("BLK_BENCH_{}", name.replace('-', "_").to_uppercase());
@@ -167,6 +175,7 @@ impl Options {
                 "dir" => o.dir = PathBuf::from(v()),
                 "max-noise" => o.max_noise = f64_of(v()),
                 "budget" => o.budget = f64_of(v()),
+                "wait-quiet" => o.wait_quiet = f64_of(v()),
                 "retries" => {
                     o.retries = v()
                         .parse()
@@ -181,6 +190,7 @@ impl Options {
                 }
                 "out" => o.out = PathBuf::from(v()),
                 "bin" => o.bin = PathBuf::from(v()),
+                "baseline" => o.baseline = Some(PathBuf::from(v())),
                 _ => usage(&format!("unknown option --{name}")),
             }
         }

@@ -11,7 +11,7 @@
 #   firmware/              flat folder for `qemu -L` (bios-256k.bin, ROMs, ...)
 #   kernel/                dpkg -x of linux-image-6.1.0-*-amd64
 #   vmlinuz                the guest kernel
-#   initramfs.cpio.gz      busybox + fio + e2fsprogs + virtio/fw_cfg/ext4 modules
+#   initramfs.cpio.gz      busybox + fio + e2fsprogs + ip + ethtool + virtio/fw_cfg/ext4 modules
 #   env.sh                 shell snippet with the paths above, sourced by run-*.sh
 #
 # Why not `apt-get install qemu-system-x86`: this machine ships qemu-utils 10
@@ -100,9 +100,12 @@ candidate_version() {
 # ---------------------------------------------------------------------------
 # 1. host tools (used to build the initramfs, and copied into it)
 # ---------------------------------------------------------------------------
-HOST_PKGS=(busybox-static fio e2fsprogs cpio gzip xz-utils zstd kmod coreutils util-linux)
+# iproute2 and ethtool: the net guest's `ip` (netns-free, but busybox's lacks
+# `promisc`/`address` details) and `ethtool -L/-l/-S`; the host tests use `ip netns` too.
+HOST_PKGS=(busybox-static fio e2fsprogs cpio gzip xz-utils zstd kmod coreutils util-linux
+           iproute2 ethtool)
 apt_install_missing "${HOST_PKGS[@]}" || die "cannot install host tools"
-for t in busybox fio mke2fs e2fsck cpio gzip xz zstd depmod modprobe ldd flock timeout; do
+for t in busybox fio mke2fs e2fsck cpio gzip xz zstd depmod modprobe ldd flock timeout ip ethtool; do
     command -v "$t" >/dev/null || die "tool '$t' missing after install"
 done
 
@@ -251,17 +254,19 @@ fi
 INITRD="$ASSET_DIR/initramfs.cpio.gz"
 ISTAMP="$ASSET_DIR/.stamp-initramfs"
 # Modules to load (modprobe --show-depends adds their deps and softdeps in
-# load order): PCI transport + block driver + fw_cfg (test script) + ext4.
-GUEST_MODULES=(virtio_pci virtio_blk qemu_fw_cfg ext4)
+# load order): PCI transport + block and net drivers (virtio_net pulls in
+# net_failover and failover) + fw_cfg (test script) + ext4.
+GUEST_MODULES=(virtio_pci virtio_blk virtio_net qemu_fw_cfg ext4)
 # Dynamically linked tools copied with their libraries.
 # util-linux blkdiscard: busybox's lacks -z (BLKZEROOUT -> WRITE_ZEROES).
-GUEST_TOOLS=(/usr/bin/fio /sbin/mke2fs /sbin/e2fsck /sbin/blkdiscard)
+# iproute2 ip and ethtool for the net guest (net-guest.sh calls them by path).
+GUEST_TOOLS=(/usr/bin/fio /sbin/mke2fs /sbin/e2fsck /sbin/blkdiscard /usr/sbin/ip /usr/sbin/ethtool)
 
 pkgver() { dpkg-query -W -f='${Version}' "$1" 2>/dev/null || echo none; }
 ikey="$(
     {
         echo "kernel $KVER"
-        for p in busybox-static fio e2fsprogs util-linux libc6; do echo "$p $(pkgver "$p")"; done
+        for p in busybox-static fio e2fsprogs util-linux iproute2 ethtool libc6; do echo "$p $(pkgver "$p")"; done
         sha256sum "$SCRIPT_PATH" | cut -d' ' -f1   # the build recipe itself
     } | sha256sum | cut -d' ' -f1
 )"

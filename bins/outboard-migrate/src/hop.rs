@@ -1,7 +1,7 @@
 //! One migration of the device from one backend to another, with every check the runner makes
 //! at the moment the source stops.
 
-use std::collections::BTreeSet;
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -60,8 +60,8 @@ impl Tamper {
 pub struct DirtyCheck {
     /// Pages the device is known to have written.
     pub expected: u64,
-    /// Those of them the log did not mark.
-    pub missing: Vec<u64>,
+    /// Those of them the log did not mark, with what each holds.
+    pub missing: Vec<(u64, &'static str)>,
     /// Pages the log marked in all.
     pub marked: u64,
 }
@@ -165,18 +165,18 @@ impl Tracker {
     /// marked: read buffers, status bytes, used-ring entries and the used index.
     fn check(&mut self, w: &mut Workload) -> DirtyCheck {
         let bitmap = self.log.take();
-        let mut expected: BTreeSet<u64> = w.take_device_pages();
+        let mut expected: BTreeMap<u64, &'static str> = w.take_device_pages();
         for (qi, q) in w.driver.queues_mut().iter().enumerate() {
             let dq = q.driver_queue();
             let (start, end) = (self.used_start[qi], dq.used_idx());
             let used = dq.used_ring_gpa();
             if start != end {
-                expected.insert((used + 2) / LOG_PAGE_SIZE);
+                expected.insert((used + 2) / LOG_PAGE_SIZE, "used index");
             }
             let mut i = start;
             while i != end {
                 let elem = used + 4 + 8 * u64::from(i % dq.size());
-                expected.insert(elem / LOG_PAGE_SIZE);
+                expected.entry(elem / LOG_PAGE_SIZE).or_insert("used ring");
                 i = i.wrapping_add(1);
             }
             self.used_start[qi] = end;
@@ -185,7 +185,7 @@ impl Tracker {
             expected: expected.len() as u64,
             missing: expected
                 .into_iter()
-                .filter(|&p| !bitmap.is_dirty(p * LOG_PAGE_SIZE))
+                .filter(|&(p, _)| !bitmap.is_dirty(p * LOG_PAGE_SIZE))
                 .collect(),
             marked: bitmap.count(),
         }
@@ -201,6 +201,8 @@ pub fn migrate(
     dest: &Path,
     tamper: Option<Tamper>,
 ) -> anyhow::Result<Hop> {
+    // Connected before the stop, as a VMM is to its backends: the pause is the handover only.
+    let dest = w.driver.session().connect_destination(dest)?;
     // Stop the source with the queues full: requests it is working on must complete before
     // GET_VRING_BASE replies, and those it has not taken yet go to the destination. The last
     // ones are published without a kick, so that usually some are left for the destination.
@@ -260,6 +262,7 @@ pub fn migrate(
         }
     }
     let log = tracker.as_deref().and_then(Tracker::log);
+    let source = session.options().path().to_path_buf();
     let t = Instant::now();
     let result = session.move_to(dest, &bases, state.as_deref(), log);
     let switch = t.elapsed();
@@ -267,6 +270,11 @@ pub fn migrate(
         Ok(old) => {
             old.shutdown();
             Outcome::Migrated
+        }
+        Err(e) if !session.is_on(&source) => {
+            return Err(anyhow::Error::new(e).context(
+                "the destination failed after its rings started; the device stays there",
+            ));
         }
         Err(e) => {
             session.resume_rings(&bases)?;

@@ -244,10 +244,11 @@ impl<'a> Runner<'a> {
         report.hops.append(&mut self.hops);
         report.violations.append(&mut self.w.violations);
         let c = self.w.counts;
-        for (total, n) in report
-            .requests
-            .iter_mut()
-            .zip([c.submitted, c.completed, c.writes, c.reads_verified])
+        for (total, n) in
+            report
+                .requests
+                .iter_mut()
+                .zip([c.submitted, c.completed, c.writes, c.reads_verified])
         {
             *total += n;
         }
@@ -285,7 +286,10 @@ fn describe_peer(w: &mut Workload, template: &str, report: &mut Report) {
         } else {
             "the LOG_SHMFD protocol feature"
         };
-        note(report, format!("the backend lacks {what}: the dirty log is not checked"));
+        note(
+            report,
+            format!("the backend lacks {what}: the dirty log is not checked"),
+        );
     }
     if report.peer.is_null() {
         report.peer = json!({
@@ -350,12 +354,7 @@ fn refusal(hop: &Hop) -> Option<String> {
     }
 }
 
-fn run_matrix(
-    cli: &Cli,
-    dir: &Path,
-    versions: &[u16],
-    report: &mut Report,
-) -> anyhow::Result<()> {
+fn run_matrix(cli: &Cli, dir: &Path, versions: &[u16], report: &mut Report) -> anyhow::Result<()> {
     let template = cli.backend.as_deref().expect("checked");
     anyhow::ensure!(
         template.contains("{compat}"),
@@ -365,7 +364,12 @@ fn run_matrix(
         let caps = backend::probe_capabilities(template).unwrap_or_default();
         let v: Vec<u16> = caps["outboard"]["compat-versions"]
             .as_array()
-            .map(|a| a.iter().filter_map(|v| v.as_u64()).map(|v| v as u16).collect())
+            .map(|a| {
+                a.iter()
+                    .filter_map(|v| v.as_u64())
+                    .map(|v| v as u16)
+                    .collect()
+            })
             .unwrap_or_default();
         anyhow::ensure!(
             !v.is_empty(),

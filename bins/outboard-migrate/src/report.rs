@@ -91,7 +91,10 @@ impl Report {
         self.error.is_none()
             && self.violations.is_empty()
             && self.cases.iter().all(Case::as_expected)
-            && self.readback.as_ref().is_some_and(|(_, bad)| bad.is_empty())
+            && self
+                .readback
+                .as_ref()
+                .is_some_and(|(_, bad)| bad.is_empty())
             && self
                 .hops
                 .iter()
@@ -115,7 +118,10 @@ impl Report {
         let pauses = self.pauses();
         let sum = |f: fn(&Hop) -> u64| self.hops.iter().map(f).sum::<u64>();
         let dirty: Vec<_> = self.hops.iter().filter_map(|h| h.dirty.as_ref()).collect();
-        let missing: Vec<u64> = dirty.iter().flat_map(|d| d.missing.iter().copied()).collect();
+        let missing: Vec<(u64, &str)> = dirty
+            .iter()
+            .flat_map(|d| d.missing.iter().copied())
+            .collect();
         json!({
             "tool": "outboard-migrate",
             "mode": self.mode,
@@ -155,13 +161,23 @@ impl Report {
                 "pages_expected": dirty.iter().map(|d| d.expected).sum::<u64>(),
                 "pages_marked": dirty.iter().map(|d| d.marked).sum::<u64>(),
                 "pages_missing": missing.len(),
-                "missing_examples_gpa": missing.iter().take(8)
-                    .map(|p| format!("{:#x}", p * 4096)).collect::<Vec<_>>(),
+                "missing_examples": missing.iter().take(8)
+                    .map(|(p, what)| format!("{:#x} ({what})", p * 4096)).collect::<Vec<_>>(),
             },
             "readback": self.readback.as_ref().map(|(n, bad)| json!({
                 "blocks": n, "mismatches": bad.len(), "examples": bad.iter().take(8).collect::<Vec<_>>(),
             })),
             "cases": self.cases.iter().map(Case::to_json).collect::<Vec<_>>(),
+            "hops": self.hops.iter().map(|h| json!({
+                "outcome": match &h.outcome { Outcome::Migrated => "migrated", Outcome::Refused(_) => "refused" },
+                "pause_ms": ms(h.pause()),
+                "stop_ms": ms(h.stop),
+                "save_ms": ms(h.save),
+                "switch_ms": ms(h.switch),
+                "in_flight": h.in_flight,
+                "completed_by_source": h.completed_by_source,
+                "dirty_pages_missing": h.dirty.as_ref().map(|d| d.missing.len()),
+            })).collect::<Vec<_>>(),
             "violations": self.violations,
         })
     }
@@ -212,6 +228,9 @@ impl Report {
                 "  dirty log: {} checks, {expected} device-written pages expected, {missing} missing",
                 dirty.len()
             ));
+            for (p, what) in dirty.iter().flat_map(|d| &d.missing).take(8) {
+                line(format!("    not marked: page {:#x} ({what})", p * 4096));
+            }
         }
         if let Some((n, bad)) = &self.readback {
             line(format!(

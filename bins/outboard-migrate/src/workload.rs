@@ -9,7 +9,7 @@
 //! write; every submitted request must complete exactly once (the driver rejects a used id that
 //! is not in flight, and the runner tracks every request itself too).
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
 use anyhow::{bail, Context};
@@ -74,7 +74,7 @@ pub struct Workload {
     pub violations: Vec<String>,
     /// Guest pages the device wrote since the last [`Workload::take_device_pages`] (read data
     /// and status bytes; the used ring is added by the caller).
-    device_pages: BTreeSet<u64>,
+    device_pages: BTreeMap<u64, &'static str>,
     done: Vec<BlkCompletion>,
 }
 
@@ -123,7 +123,9 @@ fn check_block(block: u64, expect: Expect, got: &[u8]) -> Option<String> {
         Expect::Written(seq) => format!("write #{seq}"),
     };
     if &got[..8] != MAGIC {
-        return Some(format!("block {block}: expected {want}, found unknown content"));
+        return Some(format!(
+            "block {block}: expected {want}, found unknown content"
+        ));
     }
     let found_block = u64::from_le_bytes(got[8..16].try_into().expect("8 bytes"));
     let found_seq = u64::from_le_bytes(got[16..24].try_into().expect("8 bytes"));
@@ -179,7 +181,7 @@ impl Workload {
             depth,
             counts: Counts::default(),
             violations: Vec::new(),
-            device_pages: BTreeSet::new(),
+            device_pages: BTreeMap::new(),
             done: Vec::new(),
         })
     }
@@ -217,7 +219,7 @@ impl Workload {
                 };
                 let block = self.idle_block();
                 let Some(block) = block else { break };
-                let op = if self.random() % 2 == 0 {
+                let op = if self.random() & 1 == 0 {
                     let seq = self.next_seq;
                     self.next_seq += 1;
                     Op::Write(seq)
@@ -310,7 +312,8 @@ impl Workload {
         self.counts.completed += 1;
         self.busy[p.block as usize] = false;
         let q = &self.driver.queues_mut()[qi];
-        self.device_pages.insert(q.slot_status_gpa(c.slot) / LOG_PAGE_SIZE);
+        self.device_pages
+            .insert(q.slot_status_gpa(c.slot) / LOG_PAGE_SIZE, "status byte");
         if c.status != BlkStatus::Ok {
             self.violations.push(format!(
                 "block {}: {:?} failed with status {:?}",
@@ -327,7 +330,8 @@ impl Workload {
                 let data = q.slot_data(c.slot);
                 let first = data.gpa() / LOG_PAGE_SIZE;
                 let last = (data.gpa() + BLOCK as u64 - 1) / LOG_PAGE_SIZE;
-                self.device_pages.extend(first..=last);
+                self.device_pages
+                    .extend((first..=last).map(|p| (p, "read buffer")));
                 let mut got = vec![0u8; BLOCK];
                 data.read_at(0, &mut got);
                 match check_block(p.block, self.model[p.block as usize], &got) {
@@ -370,8 +374,9 @@ impl Workload {
         Ok(())
     }
 
-    /// The guest pages the device wrote since the last call (read buffers and status bytes).
-    pub fn take_device_pages(&mut self) -> BTreeSet<u64> {
+    /// The guest pages the device wrote since the last call (read buffers and status bytes),
+    /// each with what it holds.
+    pub fn take_device_pages(&mut self) -> BTreeMap<u64, &'static str> {
         std::mem::take(&mut self.device_pages)
     }
 
@@ -387,7 +392,9 @@ impl Workload {
                 .read(b * SECTORS_PER_BLOCK, &mut buf)
                 .context("reading the disk back")?;
             if status != BlkStatus::Ok {
-                bad.push(format!("block {b}: read-back failed with status {status:?}"));
+                bad.push(format!(
+                    "block {b}: read-back failed with status {status:?}"
+                ));
                 continue;
             }
             if let Some(v) = check_block(b, self.model[b as usize], &buf) {

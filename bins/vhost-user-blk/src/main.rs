@@ -113,7 +113,9 @@ fn parse_size(s: &str) -> Result<u64, String> {
         Some(b'T' | b't') => (&s[..s.len() - 1], 1 << 40),
         _ => (s, 1),
     };
-    let n: u64 = digits.parse().map_err(|e| format!("{s:?} is not a size: {e}"))?;
+    let n: u64 = digits
+        .parse()
+        .map_err(|e| format!("{s:?} is not a size: {e}"))?;
     let bytes = n
         .checked_mul(mult)
         .ok_or_else(|| format!("{s:?} is too large"))?;
@@ -251,7 +253,10 @@ mod tests {
         assert!(parse_compat_version("0").is_err());
         assert!(parse_compat_version("3").is_err());
         let caps = capabilities();
-        assert_eq!(caps["outboard"]["compat-versions"], serde_json::json!([1, 2]));
+        assert_eq!(
+            caps["outboard"]["compat-versions"],
+            serde_json::json!([1, 2])
+        );
         assert_eq!(caps["type"], "block");
     }
 }

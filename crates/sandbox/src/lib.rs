@@ -235,14 +235,23 @@ impl Sandbox {
             parts.push("namespaces user, mount, ipc, net, uts with an empty root".into());
         }
         if let Some(l) = self.report.landlock {
-            parts.push(format!(
-                "Landlock {:?} (kernel ABI {:?})",
-                l.enforcement, l.abi
-            ));
+            let abi = l
+                .abi
+                .map_or("no Landlock".to_string(), |v| format!("ABI {v}"));
+            parts.push(match l.enforcement {
+                Enforcement::Full => format!("Landlock fully enforced ({abi})"),
+                Enforcement::Partial => format!("Landlock partly enforced ({abi})"),
+                Enforcement::None => format!("Landlock NOT enforced ({abi})"),
+            });
         }
         if let Some(c) = self.report.capabilities {
+            let place = if self.report.namespaces {
+                " in its new user namespace"
+            } else {
+                ""
+            };
             parts.push(format!(
-                "capabilities dropped (effective was {:#x})",
+                "capabilities dropped (effective was {:#x}{place})",
                 c.effective
             ));
         }

@@ -7,7 +7,7 @@
 //! but the read end of a pipe, confines itself to removing files beneath the socket's
 //! directory, waits for the pipe to close (the backend exiting, or dying: even a killed
 //! backend leaves no socket behind), and removes the path only if it is still the socket the
-//! backend bound (same device and inode). It reads nothing but end-of-file from that pipe, so a
+//! backend bound (same device, inode and inode change time). It reads nothing but end-of-file from that pipe, so a
 //! compromised backend can do nothing to it beyond what exiting does anyway.
 
 use std::ffi::CString;
@@ -49,8 +49,7 @@ impl SocketReaper {
                 Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
                 _ => PathBuf::from("."),
             },
-            dev: meta.dev(),
-            ino: meta.ino(),
+            identity: Identity::of(&meta),
         };
         let mut fds = [0 as RawFd; 2];
         // SAFETY: pipe2 writes two descriptors to `fds`, which lives for the whole call.
@@ -107,8 +106,29 @@ impl Drop for SocketReaper {
 struct Target {
     path: PathBuf,
     dir: PathBuf,
+    identity: Identity,
+}
+
+/// What tells the socket this backend bound from a later one at the same path: device and
+/// inode, and the inode's change time to the nanosecond, since a file system reuses the inode
+/// number of a removed file (a supervisor restarting a killed backend at once binds a new
+/// socket there while this helper wakes up). A socket whose change time moved for another
+/// reason (chmod) is left in place: the check fails safe.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Identity {
     dev: u64,
     ino: u64,
+    ctime: (i64, i64),
+}
+
+impl Identity {
+    fn of(meta: &std::fs::Metadata) -> Identity {
+        Identity {
+            dev: meta.dev(),
+            ino: meta.ino(),
+            ctime: (meta.ctime(), meta.ctime_nsec()),
+        }
+    }
 }
 
 /// The helper process: never returns.
@@ -198,7 +218,7 @@ fn wait_for_eof(pipe: &OwnedFd) {
 
 fn remove_if_same(target: &Target) {
     match std::fs::symlink_metadata(&target.path) {
-        Ok(m) if m.file_type().is_socket() && m.dev() == target.dev && m.ino() == target.ino => {
+        Ok(m) if m.file_type().is_socket() && Identity::of(&m) == target.identity => {
             if let Err(e) = std::fs::remove_file(&target.path) {
                 eprintln!(
                     "socket reaper: cannot remove {}: {e}",

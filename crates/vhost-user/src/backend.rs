@@ -582,9 +582,18 @@ impl VhostUserBackend {
             Some(Transfer::Load(t)) => t.is_finished(),
             Some(Transfer::Failed(_)) | None => true,
         };
+        // The device is stopped while the frontend waits for this reply, so every millisecond
+        // here is migration downtime. A transfer thread usually ends within microseconds of the
+        // frontend's last read or close: look again at once for a little while, then sleep
+        // briefly between looks.
+        let start = std::time::Instant::now();
         while !finished(&self.transfer) {
+            if start.elapsed() < std::time::Duration::from_micros(500) {
+                std::thread::yield_now();
+                continue;
+            }
             let mut fds = [PollFd::new(borrow_eventfd(shutdown), PollFlags::POLLIN)];
-            if let Ok(n) = poll(&mut fds, PollTimeout::from(10u8)) {
+            if let Ok(n) = poll(&mut fds, PollTimeout::from(1u8)) {
                 if n > 0 {
                     return false;
                 }

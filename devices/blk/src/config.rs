@@ -398,8 +398,7 @@ impl DeviceSpec {
             true => self.physical_block_size / SECTOR_SIZE as u32,
             false => 0,
         };
-        let write_zeroes_may_unmap =
-            has(VIRTIO_BLK_F_WRITE_ZEROES) && self.write_zeroes_may_unmap;
+        let write_zeroes_may_unmap = has(VIRTIO_BLK_F_WRITE_ZEROES) && self.write_zeroes_may_unmap;
         ConfigSpace {
             capacity: self.capacity.to_le(),
             size_max: self.size_max.to_le(),
@@ -559,8 +558,16 @@ mod tests {
         assert!(v1.request_limits(u64::MAX).write_zeroes.is_none());
         let s1 = v1.config_space(true);
         let s2 = v2.config_space(true);
-        assert_eq!(s1.as_slice()[..36], s2.as_slice()[..36], "fields before discard agree");
-        assert!(s1.as_slice()[36..].iter().all(|&b| b == 0), "{:?}", &s1.as_slice()[36..]);
+        assert_eq!(
+            s1.as_slice()[..36],
+            s2.as_slice()[..36],
+            "fields before discard agree"
+        );
+        assert!(
+            s1.as_slice()[36..].iter().all(|&b| b == 0),
+            "{:?}",
+            &s1.as_slice()[36..]
+        );
         assert!(s2.as_slice()[36..].iter().any(|&b| b != 0));
         config.num_queues = 2;
         config.read_only = true;

@@ -602,4 +602,47 @@ mod tests {
         d.wait_used(0, 64 - taken);
         assert!(statuses.iter().all(|&s| d.byte(s) == OK));
     }
+
+    /// A device of compat version `v` in the framework, features not yet negotiated.
+    fn fresh(v: u16) -> outboard_virtio::Framework {
+        let mut config = BlkConfig::null(1 << 20);
+        config.compat_version = v;
+        let blk = Blk::new(config).unwrap();
+        outboard_virtio::Framework::new(Box::new(blk), Arc::new(CountingInterrupt::default()))
+    }
+
+    /// As [`fresh`], the driver having acked everything offered.
+    fn negotiated(v: u16) -> outboard_virtio::Framework {
+        let mut fw = fresh(v);
+        fw.set_features(fw.offered_features()).unwrap();
+        fw
+    }
+
+    #[test]
+    fn state_loads_on_its_compat_version_or_newer_and_never_older() {
+        use outboard_virtio::state::StateError;
+        use outboard_virtio::FrameworkError;
+        let range_cmds = bit(VIRTIO_BLK_F_DISCARD) | bit(VIRTIO_BLK_F_WRITE_ZEROES);
+        let v1 = negotiated(1).save_state(1).unwrap();
+        let v2 = negotiated(2).save_state(2).unwrap();
+        assert_eq!(v1.framework.acked_features & range_cmds, 0);
+        assert_eq!(v2.framework.acked_features & range_cmds, range_cmds);
+        // Older state on a newer device: a fresh destination takes the saved features.
+        let mut fw = fresh(2);
+        fw.load_state(&v1, &[1, 2]).unwrap();
+        assert_eq!(fw.acked_features(), Some(v1.framework.acked_features));
+        negotiated(1).load_state(&v1, &[1]).unwrap();
+        // Newer state on an older device: refused for its version ...
+        let e = negotiated(1).load_state(&v2, &[1]).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                FrameworkError::State(StateError::CompatVersion { found: 2, .. })
+            ),
+            "{e}"
+        );
+        // ... and, were the version accepted, for features the older device does not offer.
+        let e = fresh(1).load_state(&v2, &[1, 2]).unwrap_err();
+        assert!(e.to_string().contains("not offered"), "{e}");
+    }
 }

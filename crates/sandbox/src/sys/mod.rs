@@ -16,10 +16,7 @@ const NAMES: &[(libc::c_long, &str)] = &[];
 /// The name of system call `nr` on this architecture. A linear scan of a static table: no
 /// allocation and no lock, so the SIGSYS handler can call it.
 pub fn syscall_name(nr: i64) -> Option<&'static str> {
-    NAMES
-        .iter()
-        .find(|(n, _)| *n == nr)
-        .map(|(_, name)| *name)
+    NAMES.iter().find(|(n, _)| *n == nr).map(|(_, name)| *name)
 }
 
 #[cfg(test)]

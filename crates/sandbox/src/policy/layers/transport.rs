@@ -1,7 +1,10 @@
 //! The program conventions, the VIRTIO framework's queue workers and the vhost-user transport:
 //! what every Outboard vhost-user backend needs whatever its device.
 
-use libc::{AT_EMPTY_PATH, FIONBIO, F_DUPFD_CLOEXEC, F_GETFD, F_GETFL, F_SETFD};
+use libc::{
+    AT_EMPTY_PATH, FIONBIO, F_ADD_SEALS, F_DUPFD_CLOEXEC, F_GETFD, F_GETFL, F_GET_SEALS,
+    F_SEAL_SHRINK, F_SETFD,
+};
 
 use crate::policy::{arg, Layer, Roles};
 use crate::syscall;
@@ -98,6 +101,9 @@ pub fn vhost_user() -> Layer {
     );
     #[cfg(not(target_arch = "x86_64"))]
     l.allow(control, syscall!(SYS_readlinkat), "checking that an fd the frontend sends is an eventfd (/proc/self/fd/N), on architectures without readlink");
+    l.allow(control, syscall!(SYS_fcntl), "sealing a frontend's memfd against shrinking, which would make guest memory accesses fault (F_GET_SEALS, and F_ADD_SEALS with F_SEAL_SHRINK only)")
+        .when([arg(1).eq(F_GET_SEALS as u64)])
+        .when([arg(1).eq(F_ADD_SEALS as u64), arg(2).eq(F_SEAL_SHRINK as u64)]);
     l.allow(
         control,
         syscall!(SYS_statx),
