@@ -118,19 +118,8 @@ fn every_thread_of_a_serving_backend_runs_under_a_seccomp_filter() {
     assert_eq!(signals.filters, 2, "{signals:?}");
     for t in ts.iter().filter(|t| t.name.starts_with("blk-worker")) {
         // A worker inherits the control thread's filters and adds its own two at start through
-        // the VIRTIO framework's thread-start hook; a framework that does not call the hook
-        // leaves it under the inherited control filter, which admits what workers need.
-        assert!(
-            t.filters == control.filters + 2 || t.filters == control.filters,
-            "{t:?}"
-        );
-        if t.filters == control.filters {
-            eprintln!(
-                "NOTE: {} runs under the inherited control filter only: \
-                 outboard_virtio::worker does not call its thread-start hook",
-                t.name
-            );
-        }
+        // the VIRTIO framework's thread-start hook.
+        assert_eq!(t.filters, control.filters + 2, "{t:?}");
     }
     blk.disconnect().unwrap();
 }

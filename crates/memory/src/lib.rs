@@ -185,6 +185,8 @@ impl RegionDescriptor {
 struct MappedRegion {
     desc: RegionDescriptor,
     region: Arc<GuestRegionMmap>,
+    /// How many ADD_MEM_REG of exactly this region are not yet matched by a REM_MEM_REG.
+    adds: u32,
 }
 
 /// The frontend's memory regions and their mappings in this process.
@@ -239,14 +241,34 @@ impl MemoryTable {
             log: self.log.clone(),
         };
         for (desc, file) in regions {
-            staged.add(desc, file)?;
+            staged.insert(desc, file)?;
         }
         self.regions = staged.regions;
         Ok(())
     }
 
     /// Validates, maps and adds one region (ADD_MEM_REG). On error the table is unchanged.
+    ///
+    /// A region identical to one in the table (GPA, size, user address and offset) is counted,
+    /// not mapped again, and stays until as many REM_MEM_REG have named it: QEMU (before 9.1)
+    /// sends ADD_MEM_REG and REM_MEM_REG once per queue pair of a multiqueue virtio-net device
+    /// over the one connection, so each region arrives once per pair.
     pub fn add(&mut self, desc: RegionDescriptor, file: File) -> Result<(), MemoryError> {
+        desc.check_arithmetic()?;
+        if let Some(same) = self
+            .regions
+            .iter_mut()
+            .find(|r| r.desc.same_region(&desc) && r.desc.mmap_offset == desc.mmap_offset)
+        {
+            // `file` is another descriptor of memory already mapped; it closes here.
+            same.adds = same.adds.saturating_add(1);
+            return Ok(());
+        }
+        self.insert(desc, file)
+    }
+
+    /// Maps and adds a region that is not in the table yet.
+    fn insert(&mut self, desc: RegionDescriptor, file: File) -> Result<(), MemoryError> {
         desc.check_arithmetic()?;
         if self.regions.len() >= self.max_slots {
             return Err(MemoryError::NoFreeSlot {
@@ -296,11 +318,13 @@ impl MemoryTable {
         self.regions.push(MappedRegion {
             desc,
             region: Arc::new(region),
+            adds: 1,
         });
         Ok(())
     }
 
-    /// Removes the region matching `desc` by GPA, size and user address (REM_MEM_REG).
+    /// Removes the region matching `desc` by GPA, size and user address (REM_MEM_REG); a region
+    /// added several times (see [`MemoryTable::add`]) goes with its last removal.
     pub fn remove(&mut self, desc: &RegionDescriptor) -> Result<(), MemoryError> {
         let pos = self
             .regions
@@ -311,7 +335,11 @@ impl MemoryTable {
                 size: desc.memory_size,
                 uaddr: desc.user_addr,
             })?;
-        self.regions.remove(pos);
+        if self.regions[pos].adds > 1 {
+            self.regions[pos].adds -= 1;
+        } else {
+            self.regions.remove(pos);
+        }
         Ok(())
     }
 
@@ -428,6 +456,34 @@ mod tests {
         assert!(mem.read_obj::<u32>(GuestAddress(0x20000)).is_err());
         assert_eq!(mem.num_regions(), 2);
         assert_eq!(t.gpa_limit(), 0x110000);
+    }
+
+    #[test]
+    fn an_identical_region_added_twice_stays_until_removed_twice() {
+        let mut t = MemoryTable::new(1);
+        let r = desc(0, 0x10000, 0x7000_0000);
+        t.add(r.clone(), memfd(0x10000)).unwrap();
+        // The same region again (one ADD_MEM_REG per queue pair): counted, no slot used.
+        t.add(r.clone(), memfd(0x10000)).unwrap();
+        assert_eq!(t.regions().count(), 1);
+        // Overlapping but different: still refused.
+        assert!(t.add(desc(0, 0x8000, 0x7000_0000), memfd(0x8000)).is_err());
+        let mut other_offset = r.clone();
+        other_offset.mmap_offset = 0x1000;
+        assert!(t.add(other_offset, memfd(0x11000)).is_err());
+        t.remove(&r).unwrap();
+        assert_eq!(t.regions().count(), 1, "one ADD is still unmatched");
+        assert!(t
+            .snapshot()
+            .unwrap()
+            .read_obj::<u8>(GuestAddress(0x10))
+            .is_ok());
+        t.remove(&r).unwrap();
+        assert!(t.is_empty());
+        assert!(matches!(t.remove(&r), Err(MemoryError::NotFound { .. })));
+        // SET_MEM_TABLE with the same region twice is refused whole.
+        let dup = vec![(r.clone(), memfd(0x10000)), (r, memfd(0x10000))];
+        assert!(MemoryTable::new(4).replace(dup).is_err());
     }
 
     #[test]

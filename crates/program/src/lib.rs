@@ -198,7 +198,7 @@ fn seccomp_mode_parser() -> impl TypedValueParser<Value = SeccompMode> {
 /// (control) thread's filter. `device` is the device's seccomp layer. Returns the shutdown
 /// eventfd.
 ///
-/// Run a self-test named by `OUTBOARD_SANDBOX_SELFTEST` last (see [`SelfTest`]).
+/// Runs the self-test named by `OUTBOARD_SANDBOX_SELFTEST`, if any, last (see [`SelfTest`]).
 pub fn enter_sandbox(
     args: &SandboxArgs,
     device: Layer,

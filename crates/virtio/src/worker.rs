@@ -165,6 +165,13 @@ impl QueueWorker {
             add(q.kick().as_raw_fd(), Token::Kick(i))?;
         }
         let thread = std::thread::Builder::new().name(name).spawn(move || {
+            if let Some(hook) = THREAD_START_HOOK.get() {
+                if let Err(e) = hook() {
+                    log::error!("queue worker refuses to start: {e}");
+                    ctx.interrupt.signal_needs_reset();
+                    return queues;
+                }
+            }
             let mut w = WorkerLoop {
                 epoll,
                 _stop: stop_rx,
