@@ -18,25 +18,34 @@
 //! With two queues the frontend drives both round-robin from its one thread (one CPU is all it
 //! has), at the given depth per queue. QSD serves every queue from one thread; our backend runs
 //! one worker per queue by default (`ours`, both workers sharing CPU 0) and is also run with
-//! `--threads 1` (`ours-1t`), the same thread model as QSD.
+//! `--threads 1` (`ours-1t`), the same thread model as QSD. On the file, `ours-sync` is our
+//! backend with `--engine sync`.
 //!
 //! QSD does not poll virtqueues: its vhost-user-blk export registers the kick eventfds without
 //! a poll handler, which disables an AioContext's adaptive polling, so even the `iothread`
 //! variant (default `poll-max-ns`) sleeps in the kernel between kicks. Our `--poll-us`
 //! variants busy-poll and therefore burn their CPU; the report shows backend CPU time.
 //!
-//! Options (each also as an environment variable `BLK_BENCH_<NAME>`, e.g. `BLK_BENCH_QUICK=1`):
-//! `--quick`, `--secs S` (measured window per run, default 0.9), `--warmup S` (0.1), `--reps N`
-//! (3), `--poll-us N` (50), `--size BYTES` (1 GiB), `--dir DIR` (the file's directory,
-//! /dev/shm), `--only TERM,…` (run rows whose label `backend/storage/qQ/op/qdN` contains every
-//! term; the QSD reference of a selected cell runs too unless `--no-ref`), `--extra` (add `ours-poll50-2t`:
-//! two polling workers on one CPU), `--max-noise CPUS` (0.1) and `--retries N` (2): a run during
-//! which other processes or hypervisor steal took more than CPUS is repeated up to N times and
-//! the quietest attempt kept (the machine is shared), while the matrix still fits `--budget S`
-//! (280), `--wait-quiet S` (0: before each cell, wait up to S seconds for other processes to
-//! go quiet; not counted in the budget), `--no-pin`, `--out PATH` (report base name, default
-//! `target/bench-blk`), `--bin PATH` (our binary), `--baseline PATH` (every variant of ours
-//! also runs with this binary, as `<variant>@base`: an A/B comparison of two builds).
+//! The machine may be shared: each run records how much CPU other processes (and hypervisor
+//! steal) took during its window, and a disturbed run is repeated.
+//!
+//! Options, each also an environment variable `BLK_BENCH_<NAME>` (`BLK_BENCH_QUICK=1`):
+//! - `--quick`: 0.25 s runs, one repetition.
+//! - `--secs S` (0.9), `--warmup S` (0.1), `--reps N` (3): the measured window of a run, the
+//!   warmup before it, the repetitions of the whole matrix.
+//! - `--poll-us N` (50): of the polling variant.
+//! - `--size BYTES` (1G), `--dir DIR` (/dev/shm): the disk and where its file lives.
+//! - `--only TERM,…`: run the rows whose label `backend/storage/qQ/op/qdN` contains every term;
+//!   the QSD reference of a selected cell runs too, unless `--no-ref`.
+//! - `--extra`: add `ours-poll50-2t` (two polling workers on one CPU).
+//! - `--max-noise CPUS` (0.1), `--retries N` (2), `--budget S` (280): a run during which other
+//!   work took more than CPUS is repeated up to N times, the quietest attempt kept, while the
+//!   matrix still fits S seconds.
+//! - `--wait-quiet S` (0): before each cell and each repeat, wait up to S seconds for other work
+//!   to stop (not counted in the budget).
+//! - `--no-pin`, `--out PATH` (`target/bench-blk`: `.md` and `.json` are added).
+//! - `--bin PATH` (`target/release/vhost-user-blk`), `--baseline PATH`: every variant of ours
+//!   also runs with this other build, as `<variant>@base` (an A/B comparison).
 
 mod blkbench;
 
@@ -189,11 +198,7 @@ fn main() -> ExitCode {
         );
         return ExitCode::FAILURE;
     }
-    // Only the workspace's own build can be checked against the workspace's sources.
-    let built_here = opts.bin == host::target_dir().join("release").join("vhost-user-blk");
-    let stale = built_here
-        .then(|| host::stale_against_sources(&opts.bin))
-        .flatten();
+    let stale = host::stale_against_sources(&opts.bin);
     if let Some(src) = &stale {
         eprintln!(
             "blk bench: WARNING: {} is newer than {}: rebuild with `cargo build --release -p vhost-user-blk`",
@@ -321,6 +326,7 @@ fn run(env: &Env) -> ExitCode {
         qsd: qsd.to_path_buf(),
         cpu: pin.then_some(BACKEND_CPU),
         dir: run_dir.to_path_buf(),
+        setpriv: host::on_path("setpriv"),
     };
     let mut peers: Vec<Peer> = Vec::new();
     for row in &rows {
@@ -364,6 +370,11 @@ fn run(env: &Env) -> ExitCode {
                 p.failed = Some(e);
             }
         }
+    }
+    // Every backend has the file open by now: unlinked, its memory goes back to tmpfs when the
+    // last of them exits, even if this process is killed.
+    if needs_file {
+        let _ = std::fs::remove_file(file);
     }
 
     let timing = Timing {
@@ -661,7 +672,7 @@ fn markdown(
     md.push_str("\n## Backends\n\n");
     let mut seen = BTreeMap::new();
     for p in peers {
-        seen.entry((p.variant.queues, p.variant.name.clone()))
+        seen.entry((p.variant.queues, p.variant.name.clone(), p.storage.name()))
             .or_insert(p);
     }
     for p in seen.values() {
@@ -672,8 +683,9 @@ fn markdown(
             .collect();
         let _ = writeln!(
             md,
-            "- `{}` ({} queue{}): {}; config writeback={}; threads {}\n  `{}`",
+            "- `{}` on {} ({} queue{}): {}; config writeback={}; threads {}\n  `{}`",
             p.variant.name,
+            p.storage.name(),
             p.variant.queues,
             if p.variant.queues > 1 { "s" } else { "" },
             p.variant.wait_style(),

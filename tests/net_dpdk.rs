@@ -122,7 +122,7 @@ fn frontend(
 /// Runs the frontend for [`RUST`] and checks that frames crossed in both directions: each
 /// port received frames, never more than the other port sent.
 fn traffic_crosses(what: &str, mut fe: Testpmd) -> Vec<(u64, u64, u64)> {
-    fe.wait_for("Start automatic packet forwarding", Duration::from_secs(30));
+    fe.wait_for("packet forwarding - ports=", Duration::from_secs(30));
     let reports = fe.next_reports(RUN.as_secs() as usize, RUN * 10);
     let last: &Vec<PortStats> = reports.last().unwrap();
     let out = fe.stop();
@@ -227,4 +227,43 @@ fn the_same_harness_runs_against_dpdks_own_vhost_backend() {
     let totals = parse_totals(&out);
     assert_eq!(totals.len(), 2, "net_vhost backend totals:\n{out}");
     assert!(totals[0].0 > 0 && totals[1].1 > 0, "{totals:?}");
+}
+
+#[test]
+fn testpmd_periodic_reports_and_totals_parse() {
+    let out = "\
+  ######################## NIC statistics for port 0  ########################
+  RX-packets: 100        RX-missed: 0          RX-bytes:  6400
+  RX-errors: 0
+  RX-nombuf:  0
+  TX-packets: 200        TX-errors: 0          TX-bytes:  12800
+
+  Throughput (since last show)
+  Rx-pps:           50          Rx-bps:        25600
+  Tx-pps:           60          Tx-bps:        30720
+  ############################################################################
+
+  ######################## NIC statistics for port 1  ########################
+  RX-packets: 300        RX-missed: 1          RX-bytes:  19200
+  RX-errors: 0
+  RX-nombuf:  0
+  TX-packets: 400        TX-errors: 2          TX-bytes:  25600
+
+  Throughput (since last show)
+  Rx-pps:           70          Rx-bps:        35840
+  Tx-pps:           80          Tx-bps:        40960
+  ############################################################################
+  ---------------------- Forward statistics for port 0  ----------------------
+  RX-packets: 1000           RX-dropped: 0             RX-total: 1000
+  TX-packets: 2000           TX-dropped: 5             TX-total: 2005
+  ----------------------------------------------------------------------------
+";
+    let r = dpdk::parse_reports(out, 2);
+    assert_eq!(r.len(), 1);
+    assert_eq!(r[0][0].rx_packets, 100);
+    assert_eq!(r[0][0].tx_pps, 60);
+    assert_eq!(r[0][1].rx_missed, 1);
+    assert_eq!(r[0][1].tx_errors, 2);
+    assert_eq!(r[0][1].rx_pps, 70);
+    assert_eq!(parse_totals(out), vec![(1000, 2000, 5)]);
 }

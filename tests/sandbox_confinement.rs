@@ -10,54 +10,9 @@ use std::path::Path;
 use std::time::Duration;
 
 use common::blk::{pattern, verified_io, BlkBackend};
+use common::proc::{is_root, threads};
 use common::{Backend, TempDir};
 use outboard_frontend::{BlkRange, BlkStatus};
-
-/// What /proc/PID/task/TID/status says about one thread.
-#[derive(Debug)]
-struct ThreadStatus {
-    name: String,
-    seccomp: u32,
-    filters: u32,
-    no_new_privs: u32,
-    cap_eff: u64,
-    cap_prm: u64,
-    cap_bnd: u64,
-}
-
-fn threads(pid: u32) -> Vec<ThreadStatus> {
-    let mut out = Vec::new();
-    for task in std::fs::read_dir(format!("/proc/{pid}/task")).expect("/proc/PID/task") {
-        let task = task.unwrap().path();
-        let Ok(status) = std::fs::read_to_string(task.join("status")) else {
-            continue; // the thread ended meanwhile
-        };
-        let field = |name: &str| -> String {
-            status
-                .lines()
-                .find_map(|l| l.strip_prefix(name))
-                .unwrap_or_else(|| panic!("no {name} in {status}"))
-                .trim()
-                .to_string()
-        };
-        let hex = |name: &str| u64::from_str_radix(&field(name), 16).unwrap();
-        out.push(ThreadStatus {
-            name: field("Name:"),
-            seccomp: field("Seccomp:").parse().unwrap(),
-            filters: field("Seccomp_filters:").parse().unwrap(),
-            no_new_privs: field("NoNewPrivs:").parse().unwrap(),
-            cap_eff: hex("CapEff:"),
-            cap_prm: hex("CapPrm:"),
-            cap_bnd: hex("CapBnd:"),
-        });
-    }
-    out
-}
-
-fn is_root() -> bool {
-    // SAFETY: geteuid cannot fail.
-    unsafe { libc::geteuid() == 0 }
-}
 
 /// Writes, reads back, flushes, discards, zeroes and asks the serial on every queue.
 fn exercise(b: &BlkBackend, queues: u16, read_only: bool) {

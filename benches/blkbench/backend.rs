@@ -121,6 +121,8 @@ pub struct Launcher {
     pub cpu: Option<usize>,
     /// Directory for sockets.
     pub dir: PathBuf,
+    /// `setpriv`, to have every backend killed when this process dies, however it dies.
+    pub setpriv: Option<PathBuf>,
 }
 
 /// Why a backend could not be started.
@@ -151,6 +153,13 @@ impl Launcher {
         let mut cmd = Vec::new();
         if let Some(cpu) = self.cpu {
             cmd.extend(["taskset".into(), "-c".into(), cpu.to_string()]);
+        }
+        if let Some(setpriv) = &self.setpriv {
+            cmd.extend([
+                setpriv.display().to_string(),
+                "--pdeathsig".into(),
+                "TERM".into(),
+            ]);
         }
         match v.program {
             Program::Ours {

@@ -5,7 +5,6 @@ use std::fs::{self, File};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::SystemTime;
 
 use nix::sched::{sched_setaffinity, CpuSet};
 use nix::unistd::Pid;
@@ -110,37 +109,35 @@ pub fn on_path(program: &str) -> Option<PathBuf> {
     })
 }
 
-fn newest_source(dir: &Path, newest: &mut Option<(SystemTime, PathBuf)>) {
-    let Ok(entries) = fs::read_dir(dir) else {
-        return;
-    };
-    for e in entries.flatten() {
-        let p = e.path();
-        if p.is_dir() {
-            if p.file_name().is_some_and(|n| n != "target" && n != "tests") {
-                newest_source(&p, newest);
-            }
-        } else if p.extension().is_some_and(|x| x == "rs")
-            || p.file_name().is_some_and(|n| n == "Cargo.toml")
-        {
-            if let Ok(t) = e.metadata().and_then(|m| m.modified()) {
-                if newest.as_ref().is_none_or(|(n, _)| t > *n) {
-                    *newest = Some((t, p));
-                }
-            }
-        }
-    }
-}
-
-/// A source file of the backend newer than `binary`, if any: the binary is stale.
+/// A source file of `binary` newer than it, if any: the binary is stale. The sources are the
+/// ones cargo listed in the binary's dep-info file (`<binary>.d`); without it, nothing is known.
 pub fn stale_against_sources(binary: &Path) -> Option<PathBuf> {
     let built = fs::metadata(binary).and_then(|m| m.modified()).ok()?;
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let mut newest = None;
-    for dir in ["crates", "devices", "bins"] {
-        newest_source(&root.join(dir), &mut newest);
+    let mut dep_info = binary.as_os_str().to_owned();
+    dep_info.push(".d");
+    let text = fs::read_to_string(PathBuf::from(dep_info)).ok()?;
+    // `target: src1 src2 …`, spaces inside paths escaped as `\ `.
+    let (_, deps) = text.lines().next()?.split_once(": ")?;
+    let mut paths = Vec::new();
+    let mut current = String::new();
+    let mut chars = deps.chars().peekable();
+    while let Some(c) = chars.next() {
+        match c {
+            '\\' if chars.peek() == Some(&' ') => current.push(chars.next()?),
+            ' ' => paths.push(std::mem::take(&mut current)),
+            c => current.push(c),
+        }
     }
-    newest.filter(|(t, _)| *t > built).map(|(_, p)| p)
+    paths.push(current);
+    paths
+        .into_iter()
+        .filter(|p| !p.is_empty())
+        .map(PathBuf::from)
+        .find(|p| {
+            fs::metadata(p)
+                .and_then(|m| m.modified())
+                .is_ok_and(|t| t > built)
+        })
 }
 
 /// Creates `path` of `size` bytes with every page written (so that reads hit real tmpfs pages,

@@ -104,6 +104,8 @@ impl Options {
             "budget",
             "wait-quiet",
             "retries",
+            "bin",
+            "baseline",
         ] {
             let var = format!("BLK_BENCH_{}", name.replace('-', "_").to_uppercase());
             if let Ok(v) = std::env::var(&var) {

@@ -4,6 +4,7 @@
 
 pub mod blk;
 pub mod hostile;
+pub mod proc;
 
 use std::os::fd::RawFd;
 use std::os::unix::process::CommandExt;

@@ -234,9 +234,9 @@ fn run(
     let mut backend = VhostUserBackend::new(Box::new(device), transport);
     let shutdown = program::enter_sandbox(
         sandbox_args,
-        sandbox::blk_layer(engine),
+        program::DeviceSandbox::new(sandbox::blk_layer(engine)),
         signals,
-        &mut socket,
+        std::slice::from_mut(&mut socket),
     )?;
     program::serve(&mut backend, &socket, &shutdown)
 }

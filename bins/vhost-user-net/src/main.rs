@@ -5,8 +5,16 @@
 //! after one disconnects. Packets go to a TAP interface (`--tap NAME`, opened or created; or
 //! `--tap-fd FD,…`, descriptors a privileged manager opened) or to an in-process L2 switch
 //! (`--switch`) that connects one device per socket, each served on its own control thread.
+//!
+//! Sandboxed by default, as `vhost-user-blk` is: once the TAP descriptors (or the switch) and
+//! every socket are open the process enters the sandbox (`--sandbox`, `--seccomp`; see
+//! `crates/sandbox/SECURITY-MODEL.md`) before it reads any frontend message. The control thread
+//! of each port runs under the control filter the main thread installed, and every queue
+//! worker under the worker filter.
 
 #![deny(unsafe_code)]
+
+mod sandbox;
 
 use std::collections::HashSet;
 use std::os::fd::{FromRawFd, OwnedFd, RawFd};
@@ -82,6 +90,9 @@ struct Args {
     /// With --switch: packets each port's queue pair holds before the switch drops.
     #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..=65536))]
     switch_queue: u32,
+
+    #[command(flatten)]
+    sandbox: program::SandboxArgs,
 }
 
 fn parse_mac(s: &str) -> Result<MacAddress, String> {
@@ -119,6 +130,7 @@ struct Plan {
     macs: Vec<MacAddress>,
     config: NetConfig,
     switch_queue: usize,
+    sandbox: program::SandboxArgs,
 }
 
 /// A command-line error: one line, exit code 2.
@@ -188,6 +200,7 @@ fn plan(args: Args) -> Plan {
         macs,
         config,
         switch_queue: args.switch_queue as usize,
+        sandbox: args.sandbox,
     }
 }
 
@@ -263,14 +276,40 @@ fn devices(plan: &mut Plan) -> anyhow::Result<Vec<Net>> {
         .collect()
 }
 
+/// What the sandbox must admit for the devices of `plan`.
+fn device_sandbox(plan: &Plan) -> program::DeviceSandbox {
+    let backend = match plan.packets {
+        Packets::Tap(_) | Packets::TapFds(_) => sandbox::Backend::Tap,
+        Packets::Switch => sandbox::Backend::Switch,
+    };
+    program::DeviceSandbox {
+        layer: sandbox::net_layer(backend),
+        max_open_files: max_open_files(plan.sockets.len(), plan.config.queue_pairs),
+    }
+}
+
+/// RLIMIT_NOFILE for `ports` devices of `pairs` queue pairs: per pair about 13 descriptors (the
+/// kick, call and error eventfds of two queues, the worker's epoll and stop eventfds, the
+/// handler's epoll and wake-up eventfd, the TAP descriptor or switch eventfd), rounded up to
+/// 16; per port 64 more for the control queue, the frontend's connection, backend channel and
+/// memory regions; never less than the sandbox's default.
+fn max_open_files(ports: usize, pairs: u16) -> u64 {
+    let per_port = 64 + 16 * u64::from(pairs);
+    (64 + ports as u64 * per_port).max(outboard_sandbox::DEFAULT_MAX_OPEN_FILES)
+}
+
 fn run(mut plan: Plan) -> anyhow::Result<()> {
     // Before any other thread exists, so that every thread inherits the blocked signals.
-    let shutdown = program::shutdown_on_signals()?;
+    let signals = program::block_termination_signals()?;
+    // Everything the devices need from the host is opened here, before the sandbox: the TAP
+    // descriptors (or the switch's eventfds) and every port's socket.
+    let device_sandbox = device_sandbox(&plan);
     let devices = devices(&mut plan)?;
-    let sockets = std::mem::take(&mut plan.sockets)
+    let mut sockets = std::mem::take(&mut plan.sockets)
         .into_iter()
         .map(program::open_socket)
         .collect::<anyhow::Result<Vec<_>>>()?;
+    let shutdown = program::enter_sandbox(&plan.sandbox, device_sandbox, signals, &mut sockets)?;
     let mut threads = Vec::with_capacity(devices.len());
     for (i, (device, socket)) in devices.into_iter().zip(sockets).enumerate() {
         let stop = shutdown
@@ -279,6 +318,8 @@ fn run(mut plan: Plan) -> anyhow::Result<()> {
         let thread = std::thread::Builder::new()
             .name(format!("port-{i}"))
             .spawn(move || {
+                // Started by the confined main thread: it runs under the control filter.
+                outboard_sandbox::inherit_role(outboard_sandbox::Role::Control);
                 let mut backend = VhostUserBackend::new(Box::new(device), BackendConfig::default());
                 program::serve(&mut backend, &socket, &stop)
             })

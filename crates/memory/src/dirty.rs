@@ -37,6 +37,10 @@ impl DirtyLog {
         if len == 0 {
             return Err(MemoryError::EmptyRegion { gpa: 0 });
         }
+        // The log is mapped from a frontend file like guest memory, and written on every logged
+        // guest write: shrunk under the mapping, it would kill the backend with SIGBUS (found by
+        // the vhost_user_session fuzz target). Sealed before its size is checked.
+        crate::seal_against_shrinking(&file, "the dirty log", 0);
         let meta = file
             .metadata()
             .map_err(|source| MemoryError::Stat { gpa: 0, source })?;
@@ -235,6 +239,22 @@ mod tests {
         log.mark(u64::MAX - 10, 100);
         log.mark(0, 0);
         assert_eq!(byte(&view, 0), 0);
+    }
+
+    #[test]
+    fn a_sealable_log_memfd_cannot_be_shrunk_under_the_mapping() {
+        // Regression (vhost_user_session fuzz target): a frontend that truncated its log memfd
+        // after SET_LOG_BASE made the next logged guest write fault with SIGBUS.
+        let fd = memfd_create("log", MFdFlags::MFD_CLOEXEC | MFdFlags::MFD_ALLOW_SEALING).unwrap();
+        let file = std::fs::File::from(fd);
+        file.set_len(64).unwrap();
+        let log = DirtyLog::new(file.try_clone().unwrap(), 0, 64).unwrap();
+        assert!(
+            file.set_len(0).is_err(),
+            "the frontend cannot shrink the log"
+        );
+        log.mark(63 * 8 * LOG_PAGE_SIZE, 1);
+        assert!(log.is_dirty(63 * 8 * LOG_PAGE_SIZE));
     }
 
     #[test]

@@ -283,6 +283,8 @@ impl MemoryTable {
                 other_gpa: other.desc.guest_phys_addr,
             });
         }
+        // Sealed before its size is checked, so that it cannot shrink in between.
+        seal_against_shrinking(&file, "memory region", desc.guest_phys_addr);
         let meta = file.metadata().map_err(|source| MemoryError::Stat {
             gpa: desc.guest_phys_addr,
             source,
@@ -296,7 +298,6 @@ impl MemoryTable {
                 file_size: meta.len(),
             });
         }
-        seal_against_shrinking(&file, desc.guest_phys_addr);
         let size = desc.memory_size as usize;
         let bitmap = RegionDirty::new(desc.guest_phys_addr, self.log.clone());
         let mapping = MmapRegionBuilder::new_with_bitmap(size, bitmap)
@@ -388,21 +389,22 @@ impl MemoryTable {
 /// A frontend that shrinks a file after sending it would make every access past the new end
 /// fault with SIGBUS, killing the backend. A memfd that allows sealing is sealed against
 /// shrinking (QEMU's memfd backend already seals its memfds); for other files the risk is logged,
-/// as it exists for every mmap-based backend.
-fn seal_against_shrinking(file: &File, gpa: u64) {
+/// as it exists for every mmap-based backend. `what` and `gpa` name the file in the log: guest
+/// memory regions and the dirty log (see `dirty.rs`) are both mapped from frontend files.
+pub(crate) fn seal_against_shrinking(file: &File, what: &str, gpa: u64) {
     use nix::fcntl::{fcntl, FcntlArg, SealFlag};
     match fcntl(file, FcntlArg::F_GET_SEALS) {
         Ok(seals) if SealFlag::from_bits_truncate(seals).contains(SealFlag::F_SEAL_SHRINK) => {}
         Ok(_) => {
             if let Err(e) = fcntl(file, FcntlArg::F_ADD_SEALS(SealFlag::F_SEAL_SHRINK)) {
                 log::warn!(
-                    "memory region at GPA {gpa:#x}: cannot seal the memfd against shrinking \
+                    "{what} at GPA {gpa:#x}: cannot seal the memfd against shrinking \
                      ({e}); a frontend that shrinks it can crash the backend"
                 );
             }
         }
         Err(_) => log::debug!(
-            "memory region at GPA {gpa:#x} is not a sealable memfd; a frontend that shrinks it \
+            "{what} at GPA {gpa:#x} is not a sealable memfd; a frontend that shrinks it \
              can crash the backend"
         ),
     }
@@ -462,13 +464,13 @@ mod tests {
     fn an_identical_region_added_twice_stays_until_removed_twice() {
         let mut t = MemoryTable::new(1);
         let r = desc(0, 0x10000, 0x7000_0000);
-        t.add(r.clone(), memfd(0x10000)).unwrap();
+        t.add(r, memfd(0x10000)).unwrap();
         // The same region again (one ADD_MEM_REG per queue pair): counted, no slot used.
-        t.add(r.clone(), memfd(0x10000)).unwrap();
+        t.add(r, memfd(0x10000)).unwrap();
         assert_eq!(t.regions().count(), 1);
         // Overlapping but different: still refused.
         assert!(t.add(desc(0, 0x8000, 0x7000_0000), memfd(0x8000)).is_err());
-        let mut other_offset = r.clone();
+        let mut other_offset = r;
         other_offset.mmap_offset = 0x1000;
         assert!(t.add(other_offset, memfd(0x11000)).is_err());
         t.remove(&r).unwrap();
@@ -482,7 +484,7 @@ mod tests {
         assert!(t.is_empty());
         assert!(matches!(t.remove(&r), Err(MemoryError::NotFound { .. })));
         // SET_MEM_TABLE with the same region twice is refused whole.
-        let dup = vec![(r.clone(), memfd(0x10000)), (r, memfd(0x10000))];
+        let dup = vec![(r, memfd(0x10000)), (r, memfd(0x10000))];
         assert!(MemoryTable::new(4).replace(dup).is_err());
     }
 

@@ -192,35 +192,65 @@ fn seccomp_mode_parser() -> impl TypedValueParser<Value = SeccompMode> {
         .map(|s| s.parse::<SeccompMode>().expect("one of the listed values"))
 }
 
+/// What the device adds to the sandbox of its program.
+#[derive(Clone, Debug)]
+pub struct DeviceSandbox {
+    /// The device's seccomp layer.
+    pub layer: Layer,
+    /// RLIMIT_NOFILE: enough for every descriptor the device and the frontends' memory
+    /// regions may hold at once.
+    pub max_open_files: u64,
+}
+
+impl DeviceSandbox {
+    /// The device layer `layer`, with the default descriptor limit
+    /// ([`outboard_sandbox::DEFAULT_MAX_OPEN_FILES`]).
+    pub fn new(layer: Layer) -> DeviceSandbox {
+        DeviceSandbox {
+            layer,
+            max_open_files: outboard_sandbox::DEFAULT_MAX_OPEN_FILES,
+        }
+    }
+}
+
 /// Confines the process once its resources are open, and starts the signal thread: the
 /// process-wide restrictions of `args.sandbox` (while this is the only thread), the signal
 /// thread under its own filter, the queue workers' filter as their start hook, and this
-/// (control) thread's filter. `device` is the device's seccomp layer. Returns the shutdown
-/// eventfd.
+/// (control) thread's filter. `sockets` are every socket the program serves; the files of
+/// those it created are handed to socket reapers. A further control thread this thread starts
+/// (one per socket) runs under its filter and calls [`outboard_sandbox::inherit_role`]. Returns
+/// the shutdown eventfd.
 ///
 /// Runs the self-test named by `OUTBOARD_SANDBOX_SELFTEST`, if any, last (see [`SelfTest`]).
 pub fn enter_sandbox(
     args: &SandboxArgs,
-    device: Layer,
+    device: DeviceSandbox,
     signals: SigSet,
-    socket: &mut ServingSocket,
+    sockets: &mut [ServingSocket],
 ) -> anyhow::Result<EventFd> {
     let selftest = SelfTest::from_env().map_err(anyhow::Error::msg)?;
-    let config = SandboxConfig::new(args.sandbox, args.seccomp);
-    // Without any confinement the program removes its socket file itself, as ever; otherwise a
-    // helper process does it, so that the backend keeps no right on the file system.
-    let confined = config.level != SandboxLevel::None || config.seccomp != SeccompMode::None;
-    let reaper = match socket.path() {
-        Some(path) if confined => {
-            Some(SocketReaper::spawn(path).context("cannot start the socket file's reaper")?)
-        }
-        _ => None,
+    let config = SandboxConfig {
+        max_open_files: device.max_open_files,
+        ..SandboxConfig::new(args.sandbox, args.seccomp)
     };
-    let socket_reaper = reaper.as_ref().map(SocketReaper::pid);
-    if let Some(reaper) = reaper {
+    // Without any confinement the program removes its socket files itself, as ever; otherwise
+    // helper processes do it, so that the backend keeps no right on the file system.
+    let confined = config.level != SandboxLevel::None || config.seccomp != SeccompMode::None;
+    let mut socket_reapers = Vec::new();
+    for socket in sockets.iter_mut() {
+        let reaper = match socket.path() {
+            Some(path) if confined => SocketReaper::spawn(path).with_context(|| {
+                format!(
+                    "cannot start the reaper of the socket file {}",
+                    path.display()
+                )
+            })?,
+            _ => continue,
+        };
+        socket_reapers.push(reaper.pid());
         socket.hand_file_to(reaper);
     }
-    let policy = layers::vhost_user_backend(ProgramOptions { socket_reaper }, device)
+    let policy = layers::vhost_user_backend(ProgramOptions { socket_reapers }, device.layer)
         .context("invalid sandbox policy")?;
     let mut sandbox = Sandbox::new(config, &policy).context("cannot prepare the sandbox")?;
     sandbox

@@ -26,6 +26,7 @@
 //!                                 Landlock + no_new_privs (inherited by every later thread)
 //! confine_thread(Role::Signals)   in the signal thread, first thing
 //! confine_thread(Role::Control)   in the main thread, before serving
+//! inherit_role(Role::Control)     in further control threads the main thread starts
 //! worker_thread_start             the hook each queue worker runs first
 //! ```
 //!
@@ -60,7 +61,7 @@ pub use policy::{
 };
 pub use process::{DroppedCapabilities, Limits};
 pub use reaper::SocketReaper;
-pub use seccomp::{confine_thread, worker_thread_start, SeccompMode};
+pub use seccomp::{confine_thread, inherit_role, worker_thread_start, SeccompMode};
 pub use selftest::SelfTest;
 pub use sys::syscall_name;
 pub use trap::TRAP_EXIT_STATUS;

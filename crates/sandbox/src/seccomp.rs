@@ -239,6 +239,18 @@ pub fn confine_thread(role: Role) -> Result<(), SandboxError> {
     Ok(())
 }
 
+/// Records that the calling thread has the role `role` and runs under that role's filter,
+/// which it inherited from the thread that started it (a thread that called
+/// [`confine_thread`] with the same role), without installing the filter a second time: a
+/// violation report then names the thread's role. For programs with several threads of one
+/// role, such as one control thread per socket (`vhost-user-net --switch`).
+///
+/// Nothing is checked: calling it in a thread whose inherited filter is another role's only
+/// mislabels the report.
+pub fn inherit_role(role: Role) {
+    trap::label_thread(role);
+}
+
 /// The queue-worker thread-start hook (`outboard_virtio::worker::set_thread_start_hook`):
 /// installs the [`Role::Worker`] filter in the calling thread.
 pub fn worker_thread_start() -> Result<(), String> {

@@ -203,6 +203,21 @@ mod tests {
     }
 
     #[test]
+    fn a_thread_that_inherits_its_filter_is_labelled_with_its_role() {
+        std::thread::Builder::new()
+            .name("port-3".into())
+            .spawn(|| {
+                crate::seccomp::inherit_role(Role::Control);
+                let l = LABEL.with(Cell::get);
+                assert_eq!(Role::ALL[usize::from(l.role - 1)], Role::Control);
+                assert_eq!(&l.name[..usize::from(l.name_len)], b"port-3");
+            })
+            .unwrap()
+            .join()
+            .unwrap();
+    }
+
+    #[test]
     fn a_thread_label_records_role_and_name() {
         std::thread::Builder::new()
             .name("blk-worker-7".into())

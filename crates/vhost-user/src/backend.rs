@@ -123,6 +123,10 @@ pub struct VhostUserBackend {
     /// The log from SET_LOG_BASE.
     log: Option<Arc<DirtyLog>>,
     transfer: Option<Transfer>,
+    /// Where each ring stood when a SET_STATUS 0 reset the device, for the GET_VRING_BASE that
+    /// QEMU 7.2/8.0 send after it (see the SET_STATUS handler). Indexed by queue; an entry is
+    /// dropped once its ring is set up again.
+    reset_bases: Vec<Option<u16>>,
 }
 
 impl VhostUserBackend {
@@ -141,6 +145,7 @@ impl VhostUserBackend {
             log_all: false,
             log: None,
             transfer: None,
+            reset_bases: Vec::new(),
         }
     }
 
@@ -219,6 +224,7 @@ impl VhostUserBackend {
         self.log_all = false;
         self.log = None;
         self.transfer = None;
+        self.reset_bases.clear();
     }
 
     /// Handles one message and sends what it calls for. Returns false to close the connection.
@@ -401,12 +407,20 @@ impl VhostUserBackend {
                 let base =
                     u16::try_from(s.num).map_err(|_| RequestError::VringBase { num: s.num })?;
                 self.framework.set_queue_base(s.index, base)?;
+                self.forget_reset_base(s.index);
                 Ok(Outcome::Done)
             }
             R::GET_VRING_BASE => {
                 expect_fds(0)?;
                 let s = vring_state(&msg)?;
                 let next_avail = self.framework.stop_queue(s.index)?;
+                // A ring stopped by a SET_STATUS 0 reset reports where it stood then.
+                let next_avail = self
+                    .reset_bases
+                    .get(s.index as usize)
+                    .copied()
+                    .flatten()
+                    .unwrap_or(next_avail);
                 let reply = VhostUserVringState::new(s.index, u32::from(next_avail));
                 Ok(Outcome::Reply(reply.as_slice().to_vec()))
             }
@@ -414,6 +428,7 @@ impl VhostUserBackend {
                 let (index, fd) = self.vring_fd(&mut msg)?;
                 let fd = fd.ok_or(RequestError::PollingUnsupported { index })?;
                 self.framework.start_queue(index, fd)?;
+                self.forget_reset_base(index);
                 Ok(Outcome::Done)
             }
             R::SET_VRING_CALL => {
@@ -466,6 +481,19 @@ impl VhostUserBackend {
                 self.require(VhostUserProtocolFeatures::STATUS, req)?;
                 let v = u64_payload(&msg)?;
                 let status = u8::try_from(v).map_err(|_| RequestError::Status { value: v })?;
+                if status == 0 {
+                    // QEMU 7.2 and 8.0 stop a vhost-user device with SET_STATUS 0 *before*
+                    // GET_VRING_BASE (vhost_dev_stop; QEMU 8.1 swapped the two: "vhost-user: send
+                    // SET_STATUS 0 after GET_VRING_BASE"). The reset forgets where the rings
+                    // stood, so GET_VRING_BASE would answer 0: the migrated rings are then refused
+                    // by the destination ("Guest index ... inconsistent with Host index 0x0"), and
+                    // after stop/cont the device would replay old requests. Quiesce first (every
+                    // request in flight completes), note each ring's position for the
+                    // GET_VRING_BASE to come, then reset as asked.
+                    self.framework.quiesce();
+                    let bases = self.framework.queue_configs().map(|c| Some(c.next_avail));
+                    self.reset_bases = bases.collect();
+                }
                 self.framework.set_status(status)?;
                 Ok(Outcome::Done)
             }
@@ -525,6 +553,13 @@ impl VhostUserBackend {
                 Ok(reply_u64(self.finish_transfer()))
             }
             other => Err(RequestError::Unsupported { request: other }),
+        }
+    }
+
+    /// Ring `index` is being set up again: a position kept from a reset no longer applies.
+    fn forget_reset_base(&mut self, index: u32) {
+        if let Some(base) = self.reset_bases.get_mut(index as usize) {
+            *base = None;
         }
     }
 

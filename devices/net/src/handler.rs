@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use outboard_virtio::worker::QueueHandler;
 use outboard_virtio::{ActiveQueue, GuestMemoryMmap, Interrupt};
-use virtio_queue::{DescriptorChain, QueueT};
+use virtio_queue::{DescriptorChain, QueueOwnedT, QueueT};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -38,6 +38,15 @@ pub(crate) type QueueSlot = Arc<Mutex<Option<Box<dyn PacketQueue>>>>;
 const RX_BATCH: usize = 256;
 /// Transmitted packets handed to the backend at once.
 const TX_BATCH: usize = 64;
+/// Transmit chains taken per turn. A driver that transmits as fast as the worker takes would
+/// otherwise keep it in the transmit queue for good, and the pair would receive nothing: past
+/// the budget the worker receives a batch first and then comes back for the rest.
+#[cfg(not(test))]
+const TX_BUDGET: usize = 256;
+/// Small enough for the mock driver's rings (at most 128 two-descriptor chains) to hold several
+/// turns' worth.
+#[cfg(test)]
+const TX_BUDGET: usize = 32;
 /// The largest frame with GSO: a 64 KiB IP packet behind an Ethernet header and a VLAN tag.
 const MAX_GSO_FRAME: usize = ETH_HLEN + VLAN_HLEN + MAX_GSO_PAYLOAD;
 /// Every offload a backend may hand over; what the driver did not negotiate is undone here.
@@ -90,6 +99,9 @@ pub(crate) struct PairHandler {
     backend_failed: bool,
     /// The receive ring is corrupt; the device needs a reset.
     rx_broken: bool,
+    /// The transmit queue had more than [`TX_BUDGET`] chains at the last turn: the rest is taken
+    /// at the next wake-up, with the driver's notifications still off.
+    tx_backlog: bool,
     /// Received packets ready for the driver (more than one only after segmentation).
     pending: VecDeque<Vec<u8>>,
     incoming: Vec<u8>,
@@ -125,6 +137,7 @@ impl PairHandler {
             starved: false,
             backend_failed: false,
             rx_broken: false,
+            tx_backlog: false,
             pending: VecDeque::new(),
             incoming: Vec::new(),
             segments: Vec::new(),
@@ -134,6 +147,19 @@ impl PairHandler {
 
     fn rx_index(&self) -> u16 {
         self.pair * 2
+    }
+
+    fn tx_index(&self) -> u16 {
+        self.pair * 2 + 1
+    }
+
+    fn wake_up(&self) {
+        if let Err(e) = self.wake.write(1) {
+            log::error!(
+                "virtio-net: pair {}: cannot wake the worker: {e}",
+                self.pair
+            );
+        }
     }
 
     fn backend(&mut self) -> &mut dyn PacketQueue {
@@ -359,12 +385,7 @@ impl PairHandler {
         self.update_arm();
         if !self.starved && !self.pending.is_empty() {
             // More is ready than one batch: come back after the other events.
-            if let Err(e) = self.wake.write(1) {
-                log::error!(
-                    "virtio-net: pair {}: cannot wake the worker: {e}",
-                    self.pair
-                );
-            }
+            self.wake_up();
         }
         result
     }
@@ -446,30 +467,51 @@ impl PairHandler {
         add(&self.shared.stats.tx_backend_dropped, dropped as u64);
     }
 
+    /// Takes up to [`TX_BUDGET`] transmit chains. With more left, the driver's notifications stay
+    /// off and the worker wakes itself to go on after a receive batch.
     fn transmit(
         &mut self,
         tx: &mut ActiveQueue,
         mem: &GuestMemoryMmap,
         interrupt: &dyn Interrupt,
     ) -> Result<(), virtio_queue::Error> {
+        let mut taken = 0usize;
         let mut result = Ok(());
-        let taken = tx.take_available(mem, |q, chain| {
-            let head = chain.head_index();
-            if let Some(packet) = self.read_packet(chain, mem) {
-                self.tx_batch.push(packet);
-                if self.tx_batch.len() >= TX_BATCH {
-                    self.flush_tx();
+        self.tx_backlog = false;
+        'turn: loop {
+            tx.queue_mut().disable_notification(mem)?;
+            loop {
+                if taken == TX_BUDGET {
+                    self.tx_backlog = true;
+                    break 'turn;
+                }
+                let Some(chain) = tx.queue_mut().iter(mem)?.next() else {
+                    break;
+                };
+                taken += 1;
+                let head = chain.head_index();
+                if let Some(packet) = self.read_packet(chain, mem) {
+                    self.tx_batch.push(packet);
+                    if self.tx_batch.len() >= TX_BATCH {
+                        self.flush_tx();
+                    }
+                }
+                if let Err(e) = tx.add_used(mem, head, 0) {
+                    result = Err(e);
+                    break 'turn;
                 }
             }
-            if let Err(e) = q.add_used(mem, head, 0) {
-                result = Err(e);
+            if !tx.queue_mut().enable_notification(mem)? {
+                break;
             }
-        });
+        }
         self.flush_tx();
-        let taken = taken?;
         result?;
         if taken > 0 {
             tx.notify(mem, interrupt);
+        }
+        if self.tx_backlog {
+            self.wake_up();
         }
         Ok(())
     }
@@ -504,6 +546,17 @@ impl QueueHandler for PairHandler {
     ) -> bool {
         // Reading resets the counter; a failure only means no wake-up was pending.
         let _ = self.wake.read();
+        if self.tx_backlog {
+            let tx_index = self.tx_index();
+            if let Some(tx) = queues.iter_mut().find(|q| q.index() == tx_index) {
+                if let Err(e) = self.transmit(tx, mem, interrupt) {
+                    log::error!("virtio-net: transmit queue {tx_index}: {e}; the queue is stopped until reset");
+                    interrupt.signal_needs_reset();
+                }
+            } else {
+                self.tx_backlog = false;
+            }
+        }
         let rx_index = self.rx_index();
         match queues.iter_mut().find(|q| q.index() == rx_index) {
             Some(rx) => {

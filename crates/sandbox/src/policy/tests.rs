@@ -186,10 +186,10 @@ fn clone_is_for_threads_and_clone3_falls_back_to_it() {
 }
 
 #[test]
-fn the_control_thread_may_wait_for_the_socket_reaper_only() {
+fn the_control_thread_may_wait_for_the_socket_reapers_only() {
     let with = layers::vhost_user_backend(
         ProgramOptions {
-            socket_reaper: Some(4242),
+            socket_reapers: vec![4242, 4243],
         },
         device(),
     )
@@ -198,7 +198,7 @@ fn the_control_thread_may_wait_for_the_socket_reaper_only() {
     let control = with.role(Role::Control).unwrap();
     assert_eq!(
         control.get(wait4).unwrap().when.as_deref(),
-        Some(&[vec![arg(0).eq(4242)]][..])
+        Some(&[vec![arg(0).eq(4242)], vec![arg(0).eq(4243)]][..])
     );
     assert!(with.role(Role::Worker).unwrap().get(wait4).is_none());
     assert!(backend().role(Role::Control).unwrap().get(wait4).is_none());

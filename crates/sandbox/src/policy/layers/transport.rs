@@ -10,11 +10,12 @@ use crate::policy::{arg, Layer, Roles};
 use crate::syscall;
 
 /// Options of the program layer.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ProgramOptions {
-    /// The process id of the [`SocketReaper`](crate::SocketReaper) that removes the socket
-    /// file at exit, if there is one.
-    pub socket_reaper: Option<u32>,
+    /// The process ids of the [`SocketReaper`](crate::SocketReaper)s that remove the socket
+    /// files at exit: one per socket the program created (several for a program that serves
+    /// several sockets, such as `vhost-user-net --switch`), none without.
+    pub socket_reapers: Vec<u32>,
 }
 
 /// The backend program conventions (`outboard-program`): the signal thread, the socket file.
@@ -25,9 +26,11 @@ pub fn program(options: ProgramOptions) -> Layer {
         syscall!(SYS_rt_sigtimedwait),
         "the signal thread waits for SIGTERM, SIGINT and SIGHUP (sigwait)",
     );
-    if let Some(pid) = options.socket_reaper {
-        l.allow(Roles::CONTROL, syscall!(SYS_wait4), "at exit, waiting for the helper process that removes the socket file (only that process)")
-            .when([arg(0).eq(u64::from(pid))]);
+    if !options.socket_reapers.is_empty() {
+        let rule = l.allow(Roles::CONTROL, syscall!(SYS_wait4), "at exit, waiting for the helper processes that remove the socket files (only those processes)");
+        for pid in options.socket_reapers {
+            rule.when([arg(0).eq(u64::from(pid))]);
+        }
     }
     l
 }
