@@ -384,11 +384,17 @@ fn a_multi_queue_tap_attaches_the_queues_the_driver_uses() {
         ..NetOptions::default()
     };
     let mut d = connect(SessionBuilder::new(&socket), opts);
-    assert!(
-        ns.tap_details().contains("numqueues 2 numdisabled 0"),
-        "{}",
-        ns.tap_details()
-    );
+    // The device starts with one pair; the pair-1 worker attaches its queue after the driver's
+    // VQ_PAIRS_SET(2), which `connect` sends, and possibly after its ack.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !ns.tap_details().contains("numqueues 2 numdisabled 0") {
+        assert!(
+            Instant::now() < deadline,
+            "queue 1 was not attached: {}",
+            ns.tap_details()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
     assert_eq!(d.ctrl().unwrap().set_queue_pairs(1).unwrap(), CtrlAck::Ok);
     let detached = || ns.tap_details().contains("numqueues 1 numdisabled 1");
     let deadline = Instant::now() + Duration::from_secs(5);
