@@ -6,7 +6,7 @@
 //! default) or a null disk for benchmarks (`--null-size`).
 //!
 //! Sandboxed by default: once the storage and the socket are open the process enters the
-//! sandbox (`--sandbox`, `--seccomp`; see `crates/sandbox/SECURITY-MODEL.md`) before it reads
+//! sandbox (`--sandbox`, `--seccomp`; see the README's "Security model") before it reads
 //! any frontend message. The sandbox is the launcher's business, not something a frontend
 //! negotiates, so it is not in the capability JSON.
 //!

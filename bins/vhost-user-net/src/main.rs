@@ -8,7 +8,7 @@
 //!
 //! Sandboxed by default, as `vhost-user-blk` is: once the TAP descriptors (or the switch) and
 //! every socket are open the process enters the sandbox (`--sandbox`, `--seccomp`; see
-//! `crates/sandbox/SECURITY-MODEL.md`) before it reads any frontend message. The control thread
+//! the README's "Security model") before it reads any frontend message. The control thread
 //! of each port runs under the control filter the main thread installed, and every queue
 //! worker under the worker filter.
 
