@@ -38,7 +38,8 @@
 //! Options (also as `NET_BENCH_<NAME>` environment variables): `--quick`, `--reps N` (3),
 //! `--secs N` (4), `--sizes 64,1514`, `--modes open,closed`, `--max-noise CPUS` (0.3) and
 //! `--retries N` (2: a run during which other processes used more than CPUS is repeated up to N
-//! times and the quietest kept), `--bin PATH` (our binary, default
+//! times and the quietest kept), `--wait-quiet S` (0: before each run, wait up to S seconds until
+//! the machine uses at most the noise limit; not counted), `--bin PATH` (our binary, default
 //! target/release/vhost-user-net), `--out PATH` (report base name, default `target/bench-net`:
 //! `.md` and `.json`).
 
@@ -71,6 +72,7 @@ struct Options {
     out: PathBuf,
     max_noise: f64,
     retries: usize,
+    wait_quiet: f64,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -121,6 +123,7 @@ fn parse_options() -> Result<Options, String> {
         out: root.join("target/bench-net"),
         max_noise: 0.3,
         retries: 2,
+        wait_quiet: 0.0,
     };
     let mut pairs: Vec<(String, Option<String>)> = Vec::new();
     for (k, v) in std::env::vars() {
@@ -176,6 +179,11 @@ fn parse_options() -> Result<Options, String> {
                     .map_err(|e| format!("--max-noise {}: {e}", v()))?
             }
             "retries" => o.retries = num(v())?,
+            "wait-quiet" => {
+                o.wait_quiet = v()
+                    .parse()
+                    .map_err(|e| format!("--wait-quiet {}: {e}", v()))?
+            }
             "bin" => o.bin = PathBuf::from(v()),
             "out" => o.out = PathBuf::from(v()),
             _ => return Err(format!("unknown option --{name}")),
@@ -218,6 +226,23 @@ fn machine_ticks() -> u64 {
 }
 
 const TICKS_PER_SEC: f64 = 100.0;
+
+/// Waits up to `limit` seconds until the machine (nothing of ours runs between runs) uses at
+/// most `max_cpus`, measured over half a second. Returns the seconds waited.
+fn wait_quiet(limit: f64, max_cpus: f64) -> f64 {
+    let start = Instant::now();
+    loop {
+        let (before, t) = (machine_ticks(), Instant::now());
+        std::thread::sleep(Duration::from_millis(500));
+        let busy = machine_ticks().saturating_sub(before) as f64
+            / TICKS_PER_SEC
+            / t.elapsed().as_secs_f64();
+        if busy <= max_cpus || start.elapsed().as_secs_f64() >= limit {
+            return start.elapsed().as_secs_f64();
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
 
 /// One backend process.
 enum BackendProc {
@@ -443,11 +468,18 @@ fn main() -> ExitCode {
             for which in order {
                 // The machine is shared: a run during which other processes took more than
                 // --max-noise CPUs is repeated (up to --retries times); the quietest is kept.
+                let quiet = || {
+                    if opts.wait_quiet > 0.0 {
+                        wait_quiet(opts.wait_quiet, opts.max_noise);
+                    }
+                };
+                quiet();
                 let mut r = run_once(which, mode, size, &testpmd, &opts, &work.join("run"));
                 for _ in 0..opts.retries {
                     if r.noise <= opts.max_noise {
                         break;
                     }
+                    quiet();
                     let again = run_once(which, mode, size, &testpmd, &opts, &work.join("run"));
                     if again.noise < r.noise {
                         r = again;

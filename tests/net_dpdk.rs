@@ -155,7 +155,9 @@ fn switch_passes_traffic(test: &str, len: usize) {
     let Some(testpmd) = testpmd_or_skip(test) else {
         return;
     };
-    let _one = PINNED.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let _one = PINNED
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     let (backend_cpu, frontend_cpu) = cpus();
     let dir = TempDir::new("net-dpdk");
     let (mut backend, socks) = start_switch(&dir, backend_cpu, &[]);
@@ -201,7 +203,9 @@ fn the_same_harness_runs_against_dpdks_own_vhost_backend() {
     let Some(testpmd) = testpmd_or_skip(test) else {
         return;
     };
-    let _one = PINNED.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let _one = PINNED
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     let (backend_cpu, frontend_cpu) = cpus();
     let dir = TempDir::new("net-dpdk-vhost");
     let socks = [dir.path("vhost0.sock"), dir.path("vhost1.sock")];

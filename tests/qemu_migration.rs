@@ -180,7 +180,10 @@ fn qemu_live_migration_with_fio_verify_on_vhost_user_blk() {
     let mut src = start_backend(&dir, "src", &disk, QUEUES);
     let mut dst = start_backend(&dir, "dst", &disk, QUEUES);
 
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/guest/run-migrate-blk.sh");
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/guest/run-migrate-blk.sh"
+    );
     let guest_out: PathBuf = dir.path("guest");
     let started = Instant::now();
     let (status, stdout, stderr) = run_bounded(
@@ -237,7 +240,10 @@ fn qemu_live_migration_with_fio_verify_on_vhost_user_blk() {
         src.log_text()
     );
     let src_log = src.log_text();
-    assert!(src_log.contains("dirty log set"), "no SET_LOG_BASE:\n{src_log}");
+    assert!(
+        src_log.contains("dirty log set"),
+        "no SET_LOG_BASE:\n{src_log}"
+    );
     assert!(
         src_log.contains("dirty logging on"),
         "dirty logging never on:\n{src_log}"
@@ -317,18 +323,16 @@ fn qemu_7_2_stop_sequence_reports_the_ring_position_and_restarts_there() {
     let mut blk = b.connect();
     for i in 0..3u64 {
         // A write and a read each: 6 requests.
-        verified_io(
-            &mut blk,
-            0,
-            0,
-            i * 8,
-            &pattern(500 + i, 4096),
-        );
+        verified_io(&mut blk, 0, 0, i * 8, &pattern(500 + i, 4096));
     }
     let s = blk.session();
     s.set_status(0).unwrap();
     s.enable_queue(0, false).unwrap();
-    assert_eq!(s.stop_queue(0).unwrap(), 6, "GET_VRING_BASE after SET_STATUS 0");
+    assert_eq!(
+        s.stop_queue(0).unwrap(),
+        6,
+        "GET_VRING_BASE after SET_STATUS 0"
+    );
     assert_eq!(s.stop_queue(0).unwrap(), 6, "GET_VRING_BASE again");
     // Started again as QEMU 7.2 does after `cont`: status walk and SET_FEATURES, the ring from
     // the index GET_VRING_BASE reported, DRIVER_OK. The driver's ring is left as it was.
@@ -342,7 +346,15 @@ fn qemu_7_2_stop_sequence_reports_the_ring_position_and_restarts_there() {
     // The device went on from 6: nothing replayed, nothing skipped.
     verified_io(&mut blk, 0, 0, 64, &pattern(510, 4096));
     let q = blk.queue(0);
-    assert_eq!(q.driver_queue().used_idx(), 8, "used index after two more requests");
+    assert_eq!(
+        q.driver_queue().used_idx(),
+        8,
+        "used index after two more requests"
+    );
     let s = blk.session();
-    assert_eq!(s.stop_queue(0).unwrap(), 8, "a ring set up again answers for itself");
+    assert_eq!(
+        s.stop_queue(0).unwrap(),
+        8,
+        "a ring set up again answers for itself"
+    );
 }

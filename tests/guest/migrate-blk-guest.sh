@@ -10,7 +10,8 @@
 # guest reads them on.
 #
 # Timeline:
-#   1. write an 8 MiB random pattern at 64 MiB (O_DIRECT), keep its md5
+#   1. write an 8 MiB random pattern at 64 MiB (O_DIRECT) and three more
+#      for the page-cache probe at 72, 80, 88 MiB; keep their md5s
 #   2. PHASE fio_running: fio 4k randwrite + crc32c verify over 0..32 MiB,
 #      one job per hw queue, looping over its area with verify_backlog (every
 #      block written is read back and checked while the run goes on), for
@@ -22,14 +23,13 @@
 #      fresh pattern I/O at 96 MiB, a second, size-based fio verify run, and a
 #      kernel log scan.
 #
-# Disk layout (>= 256 MiB): fio 0-32 MiB (then 32-48 MiB), pattern 64 MiB,
-# fresh pattern 96 MiB, host<->guest handshake blocks at 200 MiB (4 KiB blocks
-# MARK and MARK+1).
+# Disk layout (>= 128 MiB): fio 0-32 MiB (then 32-48 MiB), patterns at 64,
+# 72, 80, 88 MiB, fresh pattern at 96 MiB.
 #
 # Output protocol, on the second serial port (/dev/ttyS1, a file on the host;
 # after the switch-over the destination QEMU's file):
 #   PHASE <name> t=<uptime>         progress markers the host waits for/judges
-#   PROBE <what> t=<uptime>         page-cache probe progress
+#   PROBE mismatch t=<uptime> ...   a page-cache probe round read wrong data
 #   TICK t=<uptime> rd=<n> wr=<n>   completed reads/writes of vda so far
 #   INFO <key> <value...>           facts, never judged
 #   CHECK <name> PASS|FAIL <detail> one line per check
@@ -42,9 +42,6 @@ set -u
 export PATH=/sbin:/usr/sbin:/bin:/usr/bin
 
 DEV=vda
-# 4 KiB block of the host's probe handshake word (200 MiB); MARK+1 takes the
-# guest's answers.
-MARK=51200
 DISK=/dev/$DEV
 FIO=/usr/bin/fio
 FWCFG=/sys/firmware/qemu_fw_cfg/by_name/opt/outboard
@@ -91,8 +88,8 @@ if [ ! -b $DISK ]; then
 fi
 SIZE_MB=$(($(cat /sys/block/$DEV/size) / 2048))
 HWQ=$(ls /sys/block/$DEV/mq | wc -l)
-if [ "$SIZE_MB" -lt 256 ]; then
-    fail device "$DISK is ${SIZE_MB} MiB: the test needs at least 256 MiB"
+if [ "$SIZE_MB" -lt 128 ]; then
+    fail device "$DISK is ${SIZE_MB} MiB: the test needs at least 128 MiB"
     finish
 fi
 pass device "$DISK size=${SIZE_MB}MiB hw_queues=$HWQ num_queues=$NUMQ"
@@ -103,62 +100,58 @@ PAT=$(md5 /tmp/pat)
 dd if=/tmp/pat of=$DISK bs=1M seek=64 oflag=direct conv=notrunc,fsync 2>/tmp/dd.err
 rc=$?
 check pattern_write $rc "8MiB at 64MiB md5=$PAT$([ $rc -ne 0 ] && echo " $(tail -n1 /tmp/dd.err)")"
+# Three more for the page-cache probe (72, 80, 88 MiB).
+PROBE_PATS=""
+ok=0
+for off in 72 80 88; do
+    dd if=/dev/urandom of=/tmp/patx bs=1M count=8 2>/dev/null
+    PROBE_PATS="$PROBE_PATS $(md5 /tmp/patx)"
+    dd if=/tmp/patx of=$DISK bs=1M seek=$off oflag=direct conv=notrunc,fsync 2>/tmp/dd.err || ok=1
+done
+rm -f /tmp/patx
+set -- $PROBE_PATS
+PATB=$1 PATC=$2 PATD=$3
+check probe_patterns_write $ok "8MiB each at 72, 80, 88MiB md5=$PATB,$PATC,$PATD"
 
 # --- 2. fio across the migration ----------------------------------------------
 JOBS=$HWQ
 PER=$((32 / JOBS))
 ( while :; do out "TICK t=$(now) $(iostat)"; sleep 1; done ) &
 TICKER=$!
-# Page-cache probe: the dirty-log check.  A buffered read puts page-cache pages
+# Page-cache probe: the dirty-log check.  Buffered reads put page-cache pages
 # under the backend's writes (DMA); the guest CPU never writes them (the host
 # boots the guest with init_on_alloc=0), so QEMU learns that they changed only
-# from the backend's dirty log.  A handshake through two 4 KiB blocks of the
-# shared image (host writes block MARK, the guest answers in MARK+1):
-#   host DIRTY    -> the guest starts rewriting a 32 MiB tmpfs file in a loop
-#                    (so QEMU keeps iterating: it cannot converge), DIRTYING
-#   host migrates; after QEMU's first pass over RAM: FILL
-#   host FILL     -> the guest drops the page cache, reads the step-1 pattern
-#                    through it (md5 a), FILLED, and stops dirtying; the host
-#                    lets the migration converge
-# After fio (on the destination) the pattern is read from the cache again
-# (md5 b): the pages were filled after QEMU had sent them once, so they come
-# out stale unless the backend logged its writes.  (fio alone hardly notices
-# missing dirty logging: the CPU rewrites its buffers too often.)
-mark_is() { [ "$(dd if=$DISK bs=4096 skip=$MARK count=1 iflag=direct 2>/dev/null | head -n1)" = "$1" ]; }
-wait_mark() {
-    while [ ! -e /tmp/probe.stop ]; do mark_is "$1" && return 0; sleep 0.3; done
-    return 1
+# from the backend's dirty log.  Two loops, rounds without pause: drop the page
+# cache, read one of two patterns through it (md5 a, copied as the pages
+# arrive), read it again from the cache (md5 b).  Each loop alternates between
+# its two patterns, so the recycled pages change content each round.  A round
+# the switch-over falls into reads, on the destination, pages the backend
+# filled on the source after QEMU had sent them (QEMU's first pass over RAM had
+# gone past them, or they were read in flight that the backend completed when
+# QEMU stopped the rings): they hold old data there unless the backend logged
+# its writes.  Whether a round's pages lie behind QEMU's first pass is luck
+# (they come in physically clustered runs), hence two loops.  (fio alone hardly
+# notices missing dirty logging: the CPU rewrites its buffers too often.)
+echo 8192 >/sys/block/$DEV/queue/read_ahead_kb   # whole 8 MiB reads in flight at once
+probe_loop() { # ID OFFSET_A WANT_A OFFSET_B WANT_B
+    id=$1 n=0 bad=0
+    while [ ! -e /tmp/probe.stop ]; do
+        if [ $((n % 2)) -eq 0 ]; then off=$2; want=$3; else off=$4; want=$5; fi
+        echo 1 >/proc/sys/vm/drop_caches
+        a=$(dd if=$DISK bs=1M skip=$off count=8 2>/dev/null | md5sum | cut -d' ' -f1)
+        b=$(dd if=$DISK bs=1M skip=$off count=8 2>/dev/null | md5sum | cut -d' ' -f1)
+        n=$((n + 1))
+        if [ "$a" != "$want" ] || [ "$b" != "$want" ]; then
+            bad=$((bad + 1))
+            out "PROBE mismatch t=$(now) loop=$id round=$n at=${off}MiB fresh=$a cached=$b want=$want"
+        fi
+    done
+    echo "$n $bad" >/tmp/probe.$id
 }
-answer() {
-    dd if=/dev/zero of=/tmp/ack bs=4096 count=1 2>/dev/null
-    echo "$1" | dd of=/tmp/ack conv=notrunc 2>/dev/null
-    dd if=/tmp/ack of=$DISK bs=4096 seek=$((MARK + 1)) oflag=direct conv=notrunc 2>/dev/null
-}
-( st=nosync a=none b=none ta=0 tw=0
-  if wait_mark DIRTY; then
-      ( while [ ! -e /tmp/dirty.stop ]; do
-            dd if=/dev/zero of=/tmp/dirt bs=1M count=32 conv=notrunc 2>/dev/null
-        done; rm -f /tmp/dirt ) &
-      answer DIRTYING
-      out "PROBE dirtying memory t=$(now)"
-      if wait_mark FILL; then
-          echo 1 >/proc/sys/vm/drop_caches
-          ta=$(now)
-          a=$(dd if=$DISK bs=1M skip=64 count=8 2>/dev/null | md5sum | cut -d' ' -f1)
-          tw=$(now)
-          st=sync
-          answer FILLED
-          out "PROBE filled the page cache t=$ta-$tw"
-      fi
-      touch /tmp/dirty.stop
-      wait
-  fi
-  while [ ! -e /tmp/probe.stop ]; do sleep 0.5; done
-  if [ $st = sync ]; then
-      b=$(dd if=$DISK bs=1M skip=64 count=8 2>/dev/null | md5sum | cut -d' ' -f1)
-  fi
-  echo "$st $a $b $ta $tw" >/tmp/probe.result ) &
-PROBE=$!
+probe_loop 1 64 "$PAT" 72 "$PATB" &
+PROBE1=$!
+probe_loop 2 80 "$PATC" 88 "$PATD" &
+PROBE2=$!
 phase fio_running
 T0=$(now)
 $FIO --name=migrate --filename=$DISK --direct=1 --ioengine=libaio \
@@ -171,7 +164,7 @@ T1=$(now)
 kill $TICKER 2>/dev/null
 wait $TICKER 2>/dev/null
 touch /tmp/probe.stop
-wait $PROBE 2>/dev/null
+wait $PROBE1 $PROBE2 2>/dev/null
 phase fio_done
 cat /tmp/fio1.log
 # fio's own report: written and verified (read) volume.  The read line is the
@@ -182,13 +175,10 @@ errs=$(grep -c 'verify:\|bad magic\|verify failed\|err= *[1-9]' /tmp/fio1.log)
 [ $rc -eq 0 ] && [ -n "$rd" ] && [ "$errs" -eq 0 ]
 check fio_verify_across_migration $? "rc=$rc jobs=$JOBS 32MiB bs=4k iodepth=16 crc32c backlog=256 written=${wr:-none} verified=${rd:-none} elapsed=$(awk -v a="$T0" -v b="$T1" 'BEGIN {printf "%.1f", b - a}')s write_$(grep -o 'write: IOPS=[^,]*' /tmp/fio1.log | sed 's/write: //')"
 
-read -r pst pa pb pta ptw </tmp/probe.result 2>/dev/null || pst=none
-if [ "$pst" = sync ]; then
-    [ "$pa" = "$PAT" ] && [ "$pb" = "$PAT" ]
-    check page_cache_probe $? "8MiB at 64MiB read into the page cache at t=$pta-$ptw during the migration: want=$PAT fresh=$pa cached_after=$pb"
-else
-    info page_cache_probe "skipped: no handshake with the host ($pst)"
-fi
+read -r pn1 pbad1 </tmp/probe.1 2>/dev/null || { pn1=0; pbad1=0; }
+read -r pn2 pbad2 </tmp/probe.2 2>/dev/null || { pn2=0; pbad2=0; }
+[ "$pn1" -gt 0 ] && [ "$pn2" -gt 0 ] && [ $((pbad1 + pbad2)) -eq 0 ]
+check page_cache_probe $? "rounds=$((pn1 + pn2)) mismatching=$((pbad1 + pbad2)) (8MiB reads through the page cache at 64-96MiB)"
 
 # --- 3. after the migration ----------------------------------------------------
 drop_caches

@@ -490,7 +490,11 @@ impl PairHandler {
                 };
                 taken += 1;
                 let head = chain.head_index();
-                if let Some(packet) = self.read_packet(chain, mem) {
+                if self.tx_batch.is_empty() && self.backend().congested() {
+                    // Nowhere to go: dropped before it is copied (a full backend would drop it
+                    // after), so that the time goes to the packets that can be delivered.
+                    inc(&self.shared.stats.tx_backend_dropped);
+                } else if let Some(packet) = self.read_packet(chain, mem) {
                     self.tx_batch.push(packet);
                     if self.tx_batch.len() >= TX_BATCH {
                         self.flush_tx();

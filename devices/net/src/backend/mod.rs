@@ -57,6 +57,11 @@ pub trait PacketQueue: Send + Debug {
     /// backend dropped.
     fn send(&mut self, batch: &mut Vec<Vec<u8>>) -> usize;
 
+    /// Whether a packet sent now would certainly be dropped (every place it could go is full).
+    /// The device then drops transmitted packets without copying them out of guest memory, so
+    /// that an overloaded backend spends its time on the packets it can deliver.
+    fn congested(&self) -> bool;
+
     /// The offloads the driver negotiated for received packets: the backend may deliver
     /// packets that use them (the device completes anything else itself).
     fn set_offloads(&mut self, guest: Offloads) -> Result<(), BackendError>;

@@ -12,7 +12,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::os::fd::{AsRawFd, RawFd};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -67,6 +67,8 @@ struct PortCounters {
 #[derive(Debug)]
 struct Ingress {
     packets: Mutex<VecDeque<Vec<u8>>>,
+    /// `packets.len()`, kept under the lock, for senders to read without it.
+    len: AtomicUsize,
     /// Readable while `packets` is not empty.
     ready: EventFd,
 }
@@ -168,6 +170,7 @@ impl Switch {
                 })?;
                 ingress.push(Ingress {
                     packets: Mutex::new(VecDeque::new()),
+                    len: AtomicUsize::new(0),
                     ready,
                 });
             }
@@ -223,6 +226,21 @@ impl Switch {
 }
 
 impl SwitchInner {
+    /// Whether no port but `from` has room for a frame: each is down, or every queue pair it
+    /// receives on is full.
+    fn congested(&self, from: usize) -> bool {
+        let capacity = self.config.queue_capacity;
+        self.ports.iter().enumerate().all(|(p, port)| {
+            if p == from {
+                return true;
+            }
+            let mask = port.enabled.load(Ordering::Acquire);
+            port.pairs.iter().enumerate().all(|(i, ingress)| {
+                mask & (1 << i) == 0 || ingress.len.load(Ordering::Relaxed) >= capacity
+            })
+        })
+    }
+
     /// Learns where `batch`'s sources are and queues each frame for its destination port(s).
     fn forward(&self, from: usize, batch: &mut Vec<Vec<u8>>) {
         let mut out: Vec<(usize, Vec<u8>)> = Vec::with_capacity(batch.len());
@@ -332,6 +350,7 @@ impl SwitchInner {
             return;
         }
         queue.push_back(packet);
+        ingress.len.store(queue.len(), Ordering::Relaxed);
         p.counters.delivered.fetch_add(1, Ordering::Relaxed);
         if queue.len() == 1 {
             if let Err(e) = ingress.ready.write(1) {
@@ -398,6 +417,7 @@ impl PacketQueue for SwitchQueue {
         let Some(next) = queue.pop_front() else {
             return Ok(false);
         };
+        ingress.len.store(queue.len(), Ordering::Relaxed);
         if queue.is_empty() {
             // Not readable again until a packet arrives; a failure means it was not readable.
             let _ = ingress.ready.read();
@@ -409,6 +429,10 @@ impl PacketQueue for SwitchQueue {
     fn send(&mut self, batch: &mut Vec<Vec<u8>>) -> usize {
         self.inner.forward(self.port, batch);
         0
+    }
+
+    fn congested(&self) -> bool {
+        self.inner.congested(self.port)
     }
 
     fn set_offloads(&mut self, _guest: Offloads) -> Result<(), BackendError> {
@@ -432,6 +456,7 @@ impl PacketQueue for SwitchQueue {
                 .dropped_down
                 .fetch_add(queue.len() as u64, Ordering::Relaxed);
             queue.clear();
+            ingress.len.store(0, Ordering::Relaxed);
             let _ = ingress.ready.read();
         }
         Ok(())
@@ -507,6 +532,28 @@ mod tests {
         assert_eq!(received(&mut b[0]).len(), 4);
         let stats = s.port_stats(1);
         assert_eq!((stats.delivered, stats.dropped_full), (4, 6));
+    }
+
+    #[test]
+    fn a_sender_is_congested_only_while_no_other_port_has_room() {
+        let config = SwitchConfig {
+            queue_capacity: 2,
+            ..SwitchConfig::default()
+        };
+        let s = Switch::new(3, 1, config).unwrap();
+        let (a, mut b, mut c) = (queues(&s, 0), queues(&s, 1), queues(&s, 2));
+        let mut a = a;
+        assert!(!a[0].congested());
+        // Fill B, then C (broadcasts reach both).
+        a[0].send(&mut vec![packet([0xff; 6], A, 1), packet([0xff; 6], A, 2)]);
+        assert!(a[0].congested(), "both full");
+        assert!(!b[0].congested(), "B can still send to A");
+        received(&mut c[0]);
+        assert!(!a[0].congested(), "C has room again");
+        c[0].set_enabled(false).unwrap();
+        assert!(a[0].congested(), "B full and C down");
+        received(&mut b[0]);
+        assert!(!a[0].congested());
     }
 
     #[test]

@@ -262,6 +262,11 @@ impl PacketQueue for TapQueue {
         dropped
     }
 
+    fn congested(&self) -> bool {
+        // The kernel queues (and drops) behind the descriptor; a write never waits.
+        false
+    }
+
     fn set_offloads(&mut self, guest: Offloads) -> Result<(), BackendError> {
         let mut flags = 0;
         if guest.csum {
