@@ -30,7 +30,7 @@ pub enum Enforcement {
     None,
 }
 
-/// What [`restrict`] achieved.
+/// What `restrict` achieved.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct LandlockReport {
     /// The enforcement.

@@ -23,7 +23,7 @@ pub(crate) fn set_no_new_privs() -> Result<(), SandboxError> {
     Ok(())
 }
 
-/// The resource limits after [`limit_resources`].
+/// The resource limits after `limit_resources`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Limits {
     /// RLIMIT_NOFILE (soft and hard).
@@ -99,7 +99,7 @@ fn capget() -> Result<[CapData; 2], SandboxError> {
     Ok(data)
 }
 
-/// The capabilities the process had before [`drop_capabilities`], as 64-bit masks.
+/// The capabilities the process had before `drop_capabilities`, as 64-bit masks.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct DroppedCapabilities {
     /// The effective set before.

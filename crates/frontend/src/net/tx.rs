@@ -12,7 +12,7 @@ pub const MAX_TX_FRAME: usize = 65535 + 18;
 
 const NO_SLOT: usize = usize::MAX;
 
-/// A transmit queue with `slots` buffers of a header and [`MAX_TX_FRAME`] bytes.
+/// A transmit queue with `slots` buffers of a header and `MAX_TX_FRAME` bytes.
 #[derive(Debug)]
 pub struct NetTxQueue {
     dq: DriverQueue,
