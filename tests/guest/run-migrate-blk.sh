@@ -224,10 +224,17 @@ VERDICT=PASS
 REASONS=()
 failure() { VERDICT=FAIL; REASONS+=("$*"); echo "run-migrate-blk: FAIL: $*"; }
 
+# QEMU's complaints about the device: the guest's I/O is stuck from then on,
+# so fail now instead of at the timeout.
+QEMU_DEVICE_ERRORS='vring error|inconsistent with Host index|virtio: |vhost.*failed|Failed to'
+device_errors() { grep -hE "$QEMU_DEVICE_ERRORS" "$OUT/src-qemu.log" "$OUT/dst-qemu.log" 2>/dev/null | head -n3; }
+
 # The things that may die while we wait: both QEMUs, and the backends given.
 # Returns 1 (and records why) if one did; $1 says whether the source side counts.
 watch_ok() {
-    local with_src="$1"
+    local with_src="$1" errs
+    errs="$(device_errors)"
+    if [[ -n $errs ]]; then failure "QEMU reported device errors: $(tr '\n' '|' <<<"$errs")"; return 1; fi
     if [[ $with_src == 1 ]]; then
         alive "$SRC_PID" || { failure "source QEMU exited early"; return 1; }
         if [[ -n $SRC_BACKEND_PID ]] && ! alive "$SRC_BACKEND_PID"; then
@@ -359,10 +366,7 @@ run_phases() {
 
     # 5. the guest finishes on the destination
     while alive "$DST_PID"; do
-        if [[ -n $DST_BACKEND_PID ]] && ! alive "$DST_BACKEND_PID"; then
-            failure "destination backend (pid $DST_BACKEND_PID) died"
-            return
-        fi
+        watch_ok 0 || return
         sleep 0.5
     done
     wait "$DST_PID"
