@@ -15,6 +15,7 @@ use vm_memory::GuestAddressSpace;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::features::{self, FeatureError, VIRTIO_F_RING_EVENT_IDX};
+use crate::inflight::InflightSource;
 use crate::queue::QueueConfig;
 use crate::state::{FrameworkState, QueueState, SavedState, StateError};
 use crate::status::{self, StatusChange, StatusError};
@@ -106,6 +107,19 @@ impl QueueSlot {
     }
 }
 
+/// One queue as the driver left it (see [`Framework::queue_setup`]).
+#[derive(Clone, Copy, Debug)]
+pub struct QueueSetup<'a> {
+    /// Size, ring addresses and position.
+    pub config: &'a QueueConfig,
+    /// The driver's doorbell, once the queue is started.
+    pub kick: Option<&'a EventFd>,
+    /// Whether the queue is enabled.
+    pub enabled: bool,
+    /// Whether the driver has set the ring addresses.
+    pub addressed: bool,
+}
+
 /// Wraps the transport's interrupt sink to record DEVICE_NEEDS_RESET.
 #[derive(Debug)]
 struct FrameworkInterrupt {
@@ -141,6 +155,7 @@ pub struct Framework {
     interrupt: Arc<FrameworkInterrupt>,
     running: bool,
     start_on_driver_ok: bool,
+    inflight: Option<Arc<dyn InflightSource>>,
 }
 
 impl std::fmt::Debug for Framework {
@@ -178,7 +193,20 @@ impl Framework {
             }),
             running: false,
             start_on_driver_ok: false,
+            inflight: None,
         }
+    }
+
+    /// Sets (or removes) where queues record their chains in flight. Queues that run now keep
+    /// what they had; the record is picked up by every queue started from now on (the transport
+    /// sets it before it starts queues: vhost-user's SET_INFLIGHT_FD precedes the kicks).
+    pub fn set_inflight(&mut self, source: Option<Arc<dyn InflightSource>>) {
+        self.inflight = source;
+    }
+
+    /// Whether queues record their chains in flight.
+    pub fn has_inflight(&self) -> bool {
+        self.inflight.is_some()
     }
 
     /// Whether the device waits for DRIVER_OK before it runs (the transport carries the status
@@ -541,6 +569,17 @@ impl Framework {
         self.queues.iter().map(|s| &s.config)
     }
 
+    /// How the driver left queue `index`: what another process needs to run it on (live
+    /// upgrade). The configuration's `next_avail` is current only while the device is paused.
+    pub fn queue_setup(&self, index: usize) -> Option<QueueSetup<'_>> {
+        self.queues.get(index).map(|s| QueueSetup {
+            config: &s.config,
+            kick: s.kick.as_ref(),
+            enabled: s.enabled,
+            addressed: s.addressed,
+        })
+    }
+
     fn pause(&mut self) {
         if !self.running {
             return;
@@ -594,7 +633,23 @@ impl Framework {
                     return;
                 }
             };
-            queues.push(ActiveQueue::new(i as u16, queue, kick));
+            let index = i as u16;
+            let log = self
+                .inflight
+                .as_ref()
+                .and_then(|source| source.queue(index, slot.config.size));
+            let active = match log {
+                None => ActiveQueue::new(index, queue, kick),
+                Some(log) => match ActiveQueue::with_inflight(index, queue, kick, log, &mem) {
+                    Ok(q) => q,
+                    Err(e) => {
+                        log::error!("queue {i}: cannot read the used ring: {e}");
+                        self.interrupt.signal_needs_reset();
+                        return;
+                    }
+                },
+            };
+            queues.push(active);
         }
         drop(mem);
         if queues.is_empty() {

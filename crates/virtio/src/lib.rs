@@ -14,8 +14,11 @@
 //! optional busy polling.
 #![forbid(unsafe_code)]
 
+pub mod chain;
+pub mod fault;
 pub mod features;
 mod framework;
+pub mod inflight;
 pub mod interrupt;
 pub mod queue;
 pub mod state;
@@ -24,7 +27,8 @@ pub mod worker;
 
 use std::sync::Arc;
 
-pub use framework::{Framework, FrameworkError, QueueConfigError};
+pub use chain::Chain;
+pub use framework::{Framework, FrameworkError, QueueConfigError, QueueSetup};
 pub use interrupt::Interrupt;
 pub use outboard_memory::{GuestMemoryHandle, GuestMemoryMmap};
 pub use queue::ActiveQueue;

@@ -5,10 +5,11 @@
 use std::os::fd::RawFd;
 use std::sync::{Arc, Mutex, PoisonError};
 
+use outboard_virtio::fault::{self, FaultPoint};
 use outboard_virtio::worker::QueueHandler;
+use outboard_virtio::Chain;
 use outboard_virtio::{ActiveQueue, GuestMemoryMmap, Interrupt};
 use virtio_bindings::virtio_blk::{VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK};
-use virtio_queue::DescriptorChain;
 use vm_memory::{Bytes, GuestAddress};
 
 use crate::config::{CacheMode, SERIAL_LEN};
@@ -50,6 +51,8 @@ struct Pending {
     ok_len: u32,
     /// Flush once every operation succeeded (writethrough discard and write zeroes).
     flush_after: bool,
+    /// The request changes the disk (write, discard, write zeroes, flush).
+    writes: bool,
 }
 
 /// See the module documentation.
@@ -116,7 +119,7 @@ impl BlkHandler {
     fn start(
         &mut self,
         queue: u16,
-        chain: DescriptorChain<&GuestMemoryMmap>,
+        chain: Chain<'_>,
         mem: &Arc<GuestMemoryMmap>,
     ) -> Option<(u16, u32)> {
         let head = chain.head_index();
@@ -148,6 +151,13 @@ impl BlkHandler {
             error: None,
             ok_len: 1,
             flush_after: false,
+            writes: matches!(
+                kind,
+                RequestKind::Write { .. }
+                    | RequestKind::Flush
+                    | RequestKind::Discard { .. }
+                    | RequestKind::WriteZeroes { .. }
+            ),
         };
         let ops = match kind {
             RequestKind::Read { sector, data } => {
@@ -285,7 +295,12 @@ impl BlkHandler {
                 self.free.push(token as usize);
                 self.live -= 1;
                 let (status, len) = match p.error {
-                    None => (VIRTIO_BLK_S_OK, p.ok_len),
+                    None => {
+                        if p.writes {
+                            fault::hit(FaultPoint::AfterStorageWrite);
+                        }
+                        (VIRTIO_BLK_S_OK, p.ok_len)
+                    }
                     Some(e) => {
                         log::warn!(
                             "virtio-blk: queue {}: request {} failed: {e}",

@@ -6,7 +6,7 @@
 //! table, or grows past 4 GiB; such a chain ends with a descriptor that still points to a next
 //! one, and is refused here as broken.
 
-use virtio_queue::DescriptorChain;
+use outboard_virtio::chain::DescriptorWalk;
 use vm_memory::{Bytes, GuestAddress, GuestMemory, Permissions};
 
 use outboard_virtio::GuestMemoryMmap;
@@ -55,10 +55,7 @@ pub enum ChainError {
 
 impl ChainBuffers {
     /// Walks `chain`, checking its structure and that each buffer is in `mem`.
-    pub fn walk(
-        chain: DescriptorChain<&GuestMemoryMmap>,
-        mem: &GuestMemoryMmap,
-    ) -> Result<Self, ChainError> {
+    pub fn walk<C: DescriptorWalk>(chain: C, mem: &GuestMemoryMmap) -> Result<Self, ChainError> {
         let mut out = ChainBuffers::default();
         let mut last_has_next = false;
         let mut count = 0usize;

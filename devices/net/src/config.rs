@@ -5,6 +5,7 @@
 
 use std::fmt;
 use std::str::FromStr;
+use std::time::Duration;
 
 use outboard_virtio::features::bit;
 use virtio_bindings::virtio_net::{
@@ -119,6 +120,9 @@ pub struct NetConfig {
     pub mtu: u16,
     /// Whether the link starts up (`VIRTIO_NET_S_LINK_UP`).
     pub link_up: bool,
+    /// Queue-pair workers busy-poll their queues and backend for this long after the last
+    /// packet before they sleep (zero: never poll). Not guest-visible.
+    pub poll: Duration,
 }
 
 /// The MAC address a device gets when none is configured (locally administered).
@@ -126,7 +130,7 @@ pub const DEFAULT_MAC: MacAddress = MacAddress([0x52, 0x54, 0x00, 0x12, 0x34, 0x
 
 impl NetConfig {
     /// A configuration with `mac` and the defaults: one queue pair of 256 entries, MTU 1500, the
-    /// link up.
+    /// link up, no polling.
     pub fn new(mac: MacAddress) -> Self {
         NetConfig {
             mac,
@@ -134,6 +138,7 @@ impl NetConfig {
             queue_size: 256,
             mtu: 1500,
             link_up: true,
+            poll: Duration::ZERO,
         }
     }
 }

@@ -16,8 +16,8 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use outboard_virtio::worker::QueueHandler;
-use outboard_virtio::{ActiveQueue, GuestMemoryMmap, Interrupt};
-use virtio_queue::{DescriptorChain, QueueOwnedT, QueueT};
+use outboard_virtio::{ActiveQueue, Chain, GuestMemoryMmap, Interrupt};
+use virtio_queue::QueueT;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -47,6 +47,8 @@ const TX_BUDGET: usize = 256;
 /// turns' worth.
 #[cfg(test)]
 const TX_BUDGET: usize = 32;
+/// Receive batches delivered at most while the pair stops (see `drain`).
+const DRAIN_ROUNDS: usize = 16;
 /// The largest frame with GSO: a 64 KiB IP packet behind an Ethernet header and a VLAN tag.
 const MAX_GSO_FRAME: usize = ETH_HLEN + VLAN_HLEN + MAX_GSO_PAYLOAD;
 /// Every offload a backend may hand over; what the driver did not negotiate is undone here.
@@ -102,11 +104,16 @@ pub(crate) struct PairHandler {
     /// The transmit queue had more than [`TX_BUDGET`] chains at the last turn: the rest is taken
     /// at the next wake-up, with the driver's notifications still off.
     tx_backlog: bool,
+    /// The backlog waits for room in the backend, which wakes the worker then.
+    tx_blocked: bool,
     /// Received packets ready for the driver (more than one only after segmentation).
     pending: VecDeque<Vec<u8>>,
     incoming: Vec<u8>,
     segments: Vec<Vec<u8>>,
     tx_batch: Vec<Vec<u8>>,
+    /// The heads of the transmit chains taken since the last completion, answered once their
+    /// frames went to the backend.
+    tx_heads: Vec<u16>,
 }
 
 /// The epoll set of a pair handler, with `wake` in it.
@@ -121,7 +128,15 @@ pub(crate) fn handler_poller(wake: &EventFd) -> std::io::Result<Epoll> {
 }
 
 impl PairHandler {
-    pub fn new(setup: PairSetup) -> Self {
+    pub fn new(mut setup: PairSetup) -> Self {
+        // The backend wakes the worker through its own eventfd when there is room again.
+        match setup.wake.try_clone() {
+            Ok(w) => setup.queue.set_space_waker(w),
+            Err(e) => log::warn!(
+                "virtio-net: pair {}: no backpressure (cannot clone the wake-up eventfd: {e})",
+                setup.pair
+            ),
+        }
         PairHandler {
             pair: setup.pair,
             shared: setup.shared,
@@ -138,10 +153,12 @@ impl PairHandler {
             backend_failed: false,
             rx_broken: false,
             tx_backlog: false,
+            tx_blocked: false,
             pending: VecDeque::new(),
             incoming: Vec::new(),
             segments: Vec::new(),
             tx_batch: Vec::new(),
+            tx_heads: Vec::new(),
         }
     }
 
@@ -391,11 +408,7 @@ impl PairHandler {
     }
 
     /// Reads one transmit chain into a packet for the backend, or drops it (counted).
-    fn read_packet(
-        &mut self,
-        chain: DescriptorChain<&GuestMemoryMmap>,
-        mem: &GuestMemoryMmap,
-    ) -> Option<Vec<u8>> {
+    fn read_packet(&mut self, chain: Chain<'_>, mem: &GuestMemoryMmap) -> Option<Vec<u8>> {
         let stats = &self.shared.stats;
         let buffers = match ChainBuffers::walk(chain, mem) {
             Ok(b) => b,
@@ -453,6 +466,23 @@ impl PairHandler {
         Some(packet)
     }
 
+    /// Hands the batch to the backend, then answers its chains: a chain is answered only once
+    /// its frame has left the device (so a crash in between resubmits it instead of losing it).
+    fn complete_tx(
+        &mut self,
+        tx: &mut ActiveQueue,
+        mem: &GuestMemoryMmap,
+    ) -> Result<(), virtio_queue::Error> {
+        self.flush_tx();
+        let mut result = Ok(());
+        for head in self.tx_heads.drain(..) {
+            if let Err(e) = tx.add_used(mem, head, 0) {
+                result = result.and(Err(e));
+            }
+        }
+        result
+    }
+
     fn flush_tx(&mut self) {
         if self.tx_batch.is_empty() {
             return;
@@ -478,6 +508,7 @@ impl PairHandler {
         let mut taken = 0usize;
         let mut result = Ok(());
         self.tx_backlog = false;
+        self.tx_blocked = false;
         'turn: loop {
             tx.queue_mut().disable_notification(mem)?;
             loop {
@@ -485,36 +516,40 @@ impl PairHandler {
                     self.tx_backlog = true;
                     break 'turn;
                 }
-                let Some(chain) = tx.queue_mut().iter(mem)?.next() else {
+                if self.tx_batch.is_empty() && self.backend().congested() {
+                    // Nowhere to go: the chains stay in the ring (notifications off) until the
+                    // backend has room and wakes the worker, instead of being copied out only
+                    // to be dropped.
+                    self.tx_backlog = true;
+                    self.tx_blocked = true;
+                    break 'turn;
+                }
+                let Some(chain) = tx.pop(mem)? else {
                     break;
                 };
                 taken += 1;
-                let head = chain.head_index();
-                if self.tx_batch.is_empty() && self.backend().congested() {
-                    // Nowhere to go: dropped before it is copied (a full backend would drop it
-                    // after), so that the time goes to the packets that can be delivered.
-                    inc(&self.shared.stats.tx_backend_dropped);
-                } else if let Some(packet) = self.read_packet(chain, mem) {
+                self.tx_heads.push(chain.head_index());
+                if let Some(packet) = self.read_packet(chain, mem) {
                     self.tx_batch.push(packet);
-                    if self.tx_batch.len() >= TX_BATCH {
-                        self.flush_tx();
-                    }
                 }
-                if let Err(e) = tx.add_used(mem, head, 0) {
-                    result = Err(e);
-                    break 'turn;
+                if self.tx_heads.len() >= TX_BATCH {
+                    if let Err(e) = self.complete_tx(tx, mem) {
+                        result = Err(e);
+                        break 'turn;
+                    }
                 }
             }
             if !tx.queue_mut().enable_notification(mem)? {
                 break;
             }
         }
-        self.flush_tx();
+        let completed = self.complete_tx(tx, mem);
         result?;
+        completed?;
         if taken > 0 {
             tx.notify(mem, interrupt);
         }
-        if self.tx_backlog {
+        if self.tx_backlog && !self.tx_blocked {
             self.wake_up();
         }
         Ok(())
@@ -579,12 +614,35 @@ impl QueueHandler for PairHandler {
 
     fn drain(
         &mut self,
-        _queues: &mut [ActiveQueue],
-        _mem: &Arc<GuestMemoryMmap>,
-        _interrupt: &dyn Interrupt,
+        queues: &mut [ActiveQueue],
+        mem: &Arc<GuestMemoryMmap>,
+        interrupt: &dyn Interrupt,
     ) {
-        // Transmit chains complete before `process_queue` returns; packets received but not
-        // yet placed belong to no chain, and are dropped.
+        // Transmit chains complete before `process_queue` returns. Packets the backend holds
+        // for this pair were accepted by a sender (a switch port's transmit ring): they go into
+        // the receive buffers the driver posted before the queue stops, so that a stop (a
+        // migration) loses none the driver had room for. What is left when the buffers run out
+        // is dropped, as it would be without the stop.
+        let rx_index = self.rx_index();
+        if let Some(rx) = queues.iter_mut().find(|q| q.index() == rx_index) {
+            // Bounded: a backend that never runs dry (a busy TAP) cannot hold the stop up.
+            for _ in 0..DRAIN_ROUNDS {
+                if let Err(e) = self.receive(rx, mem, interrupt) {
+                    log::error!("virtio-net: receive queue {rx_index} while stopping: {e}");
+                    break;
+                }
+                if self.starved || self.rx_broken || !self.enabled {
+                    break;
+                }
+                if self.pending.is_empty() {
+                    let shared = self.shared.clone();
+                    let state = shared.rx();
+                    if !self.fetch(&state.filter) {
+                        break;
+                    }
+                }
+            }
+        }
         self.drop_pending();
     }
 }

@@ -83,6 +83,8 @@ pub struct Net {
     workers: Vec<QueueWorker>,
     /// State was loaded: ask the driver to announce itself once it runs.
     announce_pending: bool,
+    /// How long queue-pair workers busy-poll ([`NetConfig::poll`]).
+    poll: Duration,
 }
 
 /// A handle on a device's link and counters that stays usable while the transport owns the
@@ -143,6 +145,7 @@ impl Net {
             negotiated: Negotiated::default(),
             workers: Vec::new(),
             announce_pending: false,
+            poll: config.poll,
         })
     }
 
@@ -275,7 +278,7 @@ impl Net {
         let ctx = WorkerContext {
             memory,
             interrupt: interrupt.clone(),
-            poll: Duration::ZERO,
+            poll: self.poll,
         };
         let mut wakers = Vec::new();
         for (pair, group) in pairs.into_iter().enumerate() {
@@ -284,6 +287,11 @@ impl Net {
             }
         }
         if let Some(q) = ctrl {
+            // Control commands are rare: that worker sleeps between them.
+            let ctx = WorkerContext {
+                poll: Duration::ZERO,
+                ..ctx
+            };
             let handler = CtrlHandler::new(self.shared.clone(), negotiated, self.spec.pairs);
             let worker =
                 QueueWorker::spawn("net-ctrl".into(), vec![q], handler, ctx).map_err(|source| {

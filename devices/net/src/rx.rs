@@ -7,7 +7,7 @@
 //! otherwise every chain taken is put back and the packet waits for the driver to add buffers.
 
 use outboard_virtio::{ActiveQueue, GuestMemoryMmap};
-use virtio_queue::{QueueOwnedT, QueueT};
+use virtio_queue::QueueT;
 
 use crate::chain::{write_across, ChainBuffers};
 use crate::hdr::{VirtioNetHdr, HDR_LEN};
@@ -48,12 +48,12 @@ pub(crate) fn place(
         if !mrg_rxbuf && !taken.is_empty() {
             // One chain must hold the packet: put it back, and leave the buffer to a smaller
             // packet.
-            rx.queue_mut().go_to_previous_position();
+            rx.put_back();
             return Ok(Placement::TooBig);
         }
-        let Some(chain) = rx.queue_mut().iter(mem)?.next() else {
+        let Some(chain) = rx.pop(mem)? else {
             for _ in 0..taken.len() {
-                rx.queue_mut().go_to_previous_position();
+                rx.put_back();
             }
             return Ok(Placement::NoBuffers);
         };
@@ -86,7 +86,7 @@ pub(crate) fn place(
     }
     if capacity < need {
         for _ in 0..taken.len() {
-            rx.queue_mut().go_to_previous_position();
+            rx.put_back();
         }
         return Ok(Placement::TooBig);
     }

@@ -231,6 +231,51 @@ fn a_full_transmit_ring_is_taken_in_turns_and_nothing_stalls() {
 }
 
 #[test]
+fn a_polling_worker_takes_frames_that_were_never_kicked() {
+    // A polls (`NetConfig::poll`), B does not: after one kicked frame each, a second frame
+    // without a kick leaves A's ring and stays in B's.
+    let switch = Switch::new(2, 1, SwitchConfig::default()).unwrap();
+    let (mem_a, mem_b) = (memory(), memory());
+    let mut a = MockDriver::new(&mem_a, 3);
+    let mut b = MockDriver::new(&mem_b, 3);
+    let polling = NetConfig {
+        poll: Duration::from_secs(2),
+        ..config(MAC_A, 1)
+    };
+    let net_a = start(&switch, 0, polling, &a, |f| f, &[0, 1, 2]);
+    let net_b = start(&switch, 1, config(MAC_B, 1), &b, |f| f, &[0, 1, 2]);
+    let bufs_a: Vec<_> = (0..2).map(|_| a.rx_buffer(0, 2048)).collect();
+    a.kick(0);
+    let bufs_b: Vec<_> = (0..2).map(|_| b.rx_buffer(0, 2048)).collect();
+    b.kick(0);
+    let to_b: Vec<_> = (0..2).map(|i| frame(MAC_B, MAC_A, 100, i)).collect();
+    let to_a: Vec<_> = (0..2).map(|i| frame(MAC_A, MAC_B, 100, 10 + i)).collect();
+    transmit(&mut a, 1, &to_b[..1]);
+    transmit(&mut b, 1, &to_a[..1]);
+    // Long enough for a worker that does not poll to be asleep in epoll_wait.
+    std::thread::sleep(Duration::from_millis(50));
+    a.tx_packet(1, &with_hdr(&to_b[1]));
+    b.tx_packet(1, &with_hdr(&to_a[1]));
+    a.wait_used(1, 1);
+    let got = receive(&mut b, 0, &bufs_b, 2);
+    assert_eq!(
+        &got[1][HDR_LEN..],
+        &to_b[1][..],
+        "the unkicked frame crossed"
+    );
+    assert_eq!(net_a.stats().tx_packets, 2);
+    let got = receive(&mut a, 0, &bufs_a, 1);
+    assert_eq!(&got[0][HDR_LEN..], &to_a[0][..]);
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(b.used(1).is_empty(), "B sleeps until its driver kicks");
+    assert_eq!(net_b.stats().tx_packets, 1);
+    b.kick(1);
+    b.wait_used(1, 1);
+    let got = receive(&mut a, 0, &bufs_a, 1);
+    assert_eq!(&got[0][HDR_LEN..], &to_a[1][..]);
+}
+
+#[test]
 fn every_control_command_is_acknowledged_and_applied() {
     let switch = Switch::new(2, 2, SwitchConfig::default()).unwrap();
     let mem = memory();

@@ -1,9 +1,7 @@
 //! The shape of a descriptor chain: its buffers by direction, where its status byte is, and
 //! helpers that read bytes and carve data segments out of it.
 
-use std::ops::Deref;
-
-use virtio_queue::DescriptorChain;
+use outboard_virtio::chain::DescriptorWalk;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
 use super::{RequestError, Segment, KEEP_DESCRIPTORS};
@@ -25,11 +23,7 @@ pub(super) struct ChainLayout {
 }
 
 impl ChainLayout {
-    pub fn walk<M>(chain: DescriptorChain<M>) -> Self
-    where
-        M: Deref,
-        M::Target: vm_memory::GuestMemory,
-    {
+    pub fn walk<C: DescriptorWalk>(chain: C) -> Self {
         let mut l = ChainLayout::default();
         let mut points_on = false;
         for (index, desc) in chain.enumerate() {
@@ -166,11 +160,7 @@ pub(super) fn check_in_memory(mem: &GuestMemoryMmap, segs: &[Segment]) -> Result
 /// Where the answer to `chain` goes: the last byte of its last device-writable descriptor, if
 /// that is in guest memory. `None` means the request cannot be answered except by a used entry
 /// of length zero.
-pub fn locate_status<M>(chain: DescriptorChain<M>, mem: &GuestMemoryMmap) -> Option<GuestAddress>
-where
-    M: Deref,
-    M::Target: vm_memory::GuestMemory,
-{
+pub fn locate_status<C: DescriptorWalk>(chain: C, mem: &GuestMemoryMmap) -> Option<GuestAddress> {
     ChainLayout::walk(chain).status(mem).ok()
 }
 

@@ -12,13 +12,11 @@
 mod chain;
 mod error;
 
-use std::ops::Deref;
-
+use outboard_virtio::chain::DescriptorWalk;
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN,
     VIRTIO_BLK_T_OUT, VIRTIO_BLK_T_WRITE_ZEROES, VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP,
 };
-use virtio_queue::DescriptorChain;
 use vm_memory::GuestAddress;
 
 use crate::config::{MAX_SEGMENTS, SERIAL_LEN};
@@ -169,15 +167,11 @@ fn check_data(
 impl BlkRequest {
     /// Validates the chain `chain` against `limits`. On error the request is answered with
     /// [`RequestError::status`] at [`locate_status`], if there is one.
-    pub fn parse<M>(
-        chain: DescriptorChain<M>,
+    pub fn parse<C: DescriptorWalk>(
+        chain: C,
         mem: &GuestMemoryMmap,
         limits: &RequestLimits,
-    ) -> Result<Self, RequestError>
-    where
-        M: Deref,
-        M::Target: vm_memory::GuestMemory,
-    {
+    ) -> Result<Self, RequestError> {
         let head = chain.head_index();
         let l = ChainLayout::walk(chain);
         let status = l.status(mem)?;

@@ -17,6 +17,8 @@ pub mod tap;
 use std::fmt::Debug;
 use std::os::fd::RawFd;
 
+use vmm_sys_util::eventfd::EventFd;
+
 use crate::config::Offloads;
 
 /// Errors of packet backends.
@@ -58,9 +60,14 @@ pub trait PacketQueue: Send + Debug {
     fn send(&mut self, batch: &mut Vec<Vec<u8>>) -> usize;
 
     /// Whether a packet sent now would certainly be dropped (every place it could go is full).
-    /// The device then drops transmitted packets without copying them out of guest memory, so
-    /// that an overloaded backend spends its time on the packets it can deliver.
-    fn congested(&self) -> bool;
+    /// A queue that says so writes the eventfd given to [`PacketQueue::set_space_waker`] once
+    /// there is room again: meanwhile the device leaves transmitted packets in the driver's
+    /// ring (backpressure) instead of copying them out only for the backend to drop them.
+    fn congested(&mut self) -> bool;
+
+    /// The eventfd to write when room frees up after [`PacketQueue::congested`] said there was
+    /// none. Without one a queue never reports congestion.
+    fn set_space_waker(&mut self, waker: EventFd);
 
     /// The offloads the driver negotiated for received packets: the backend may deliver
     /// packets that use them (the device completes anything else itself).

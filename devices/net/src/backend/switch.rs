@@ -7,12 +7,18 @@
 //! and offload fixups, so ports that negotiated different offloads can talk.
 //!
 //! Nothing blocks: a queue that is full (its driver is slow or posts no buffers) drops what
-//! arrives and counts it, so a slow port never holds up the others. The learning table is
-//! bounded too; a full table learns nothing new until entries age out.
+//! arrives and counts it, so a slow port never holds up the others. Only when *no* other port
+//! that is up has room does a sender's queue report congestion ([`PacketQueue::congested`]):
+//! its device then leaves transmitted frames in the driver's ring until a receiver makes room
+//! (or goes down) and wakes it, instead of copying them out for nothing. This backpressure never
+//! holds a sender that has another place to go; with two ports, a receiver that is up but never
+//! takes its frames holds the other port's transmissions until it does or goes down (they could
+//! not be delivered anyway). The learning table is bounded too; a full table learns nothing new
+//! until entries age out.
 
 use std::collections::{HashMap, VecDeque};
 use std::os::fd::{AsRawFd, RawFd};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -73,9 +79,19 @@ struct Ingress {
     ready: EventFd,
 }
 
+/// A queue pair's transmit side, as a sender the switch may have to wake.
+#[derive(Debug, Default)]
+struct Sender {
+    /// Found every destination full and waits for room.
+    blocked: AtomicBool,
+    /// Written when room frees up while `blocked`.
+    waker: Mutex<Option<EventFd>>,
+}
+
 #[derive(Debug)]
 struct Port {
     pairs: Vec<Ingress>,
+    senders: Vec<Sender>,
     /// Bit `i`: queue pair `i` receives.
     enabled: AtomicU64,
     counters: PortCounters,
@@ -90,6 +106,8 @@ struct Learned {
 #[derive(Debug)]
 struct SwitchInner {
     ports: Vec<Port>,
+    /// How many senders are blocked (so that receivers look for them only then).
+    blocked: AtomicUsize,
     table: Mutex<HashMap<MacAddress, Learned>>,
     config: SwitchConfig,
 }
@@ -176,6 +194,7 @@ impl Switch {
             }
             all.push(Port {
                 pairs: ingress,
+                senders: (0..pairs).map(|_| Sender::default()).collect(),
                 enabled: AtomicU64::new(0),
                 counters: PortCounters::default(),
             });
@@ -183,6 +202,7 @@ impl Switch {
         Ok(Switch {
             inner: Arc::new(SwitchInner {
                 ports: all,
+                blocked: AtomicUsize::new(0),
                 table: Mutex::new(HashMap::new()),
                 config,
             }),
@@ -226,19 +246,64 @@ impl Switch {
 }
 
 impl SwitchInner {
-    /// Whether no port but `from` has room for a frame: each is down, or every queue pair it
-    /// receives on is full.
-    fn congested(&self, from: usize) -> bool {
+    /// Whether some port but `from` receives and none of them has room for a frame: every
+    /// queue pair they receive on is full. Ports that are down do not count: what is sent to
+    /// them is dropped, so waiting for them would only hold the sender up.
+    fn no_room(&self, from: usize) -> bool {
         let capacity = self.config.queue_capacity;
-        self.ports.iter().enumerate().all(|(p, port)| {
-            if p == from {
+        let mut receivers = 0;
+        let all_full = self.ports.iter().enumerate().all(|(p, port)| {
+            let mask = port.enabled.load(Ordering::SeqCst);
+            if p == from || mask == 0 {
                 return true;
             }
-            let mask = port.enabled.load(Ordering::Acquire);
+            receivers += 1;
             port.pairs.iter().enumerate().all(|(i, ingress)| {
-                mask & (1 << i) == 0 || ingress.len.load(Ordering::Relaxed) >= capacity
+                mask & (1 << i) == 0 || ingress.len.load(Ordering::SeqCst) >= capacity
             })
-        })
+        });
+        all_full && receivers > 0
+    }
+
+    /// Whether pair `pair` of port `from` must wait for room; if so it is woken when room
+    /// frees up (it is marked blocked first and then looks again, so that a receiver making
+    /// room in between either sees the mark or is seen).
+    fn congested(&self, from: usize, pair: usize) -> bool {
+        if !self.no_room(from) {
+            return false;
+        }
+        let sender = &self.ports[from].senders[pair];
+        if !sender.blocked.swap(true, Ordering::SeqCst) {
+            self.blocked.fetch_add(1, Ordering::SeqCst);
+        }
+        if self.no_room(from) {
+            return true;
+        }
+        if sender.blocked.swap(false, Ordering::SeqCst) {
+            self.blocked.fetch_sub(1, Ordering::SeqCst);
+        }
+        false
+    }
+
+    /// Wakes every blocked sender except port `except`'s: there may be room for it now.
+    fn wake_blocked(&self, except: usize) {
+        if self.blocked.load(Ordering::SeqCst) == 0 {
+            return;
+        }
+        for (p, port) in self.ports.iter().enumerate() {
+            if p == except {
+                continue;
+            }
+            for (pair, sender) in port.senders.iter().enumerate() {
+                if sender.blocked.swap(false, Ordering::SeqCst) {
+                    self.blocked.fetch_sub(1, Ordering::SeqCst);
+                    let waker = sender.waker.lock().unwrap_or_else(PoisonError::into_inner);
+                    if let Some(Err(e)) = waker.as_ref().map(|w| w.write(1)) {
+                        log::error!("switch port {p} queue {pair}: cannot wake the sender: {e}");
+                    }
+                }
+            }
+        }
     }
 
     /// Learns where `batch`'s sources are and queues each frame for its destination port(s).
@@ -334,7 +399,10 @@ impl SwitchInner {
             p.counters.dropped_down.fetch_add(1, Ordering::Relaxed);
             return;
         }
-        let k = flow_hash(&packet[HDR_LEN..]) % u64::from(mask.count_ones());
+        // The pair from the hash's high half (multiply-shift): FNV-1a's low bits are weak, its
+        // lowest one the parity of the input's bytes, so `hash % 2` put every TCP connection
+        // of a Linux guest (even ephemeral ports) on one pair.
+        let k = ((flow_hash(&packet[HDR_LEN..]) >> 32) * u64::from(mask.count_ones())) >> 32;
         let mut bits = mask;
         for _ in 0..k {
             bits &= bits - 1;
@@ -350,7 +418,7 @@ impl SwitchInner {
             return;
         }
         queue.push_back(packet);
-        ingress.len.store(queue.len(), Ordering::Relaxed);
+        ingress.len.store(queue.len(), Ordering::SeqCst);
         p.counters.delivered.fetch_add(1, Ordering::Relaxed);
         if queue.len() == 1 {
             if let Err(e) = ingress.ready.write(1) {
@@ -383,6 +451,7 @@ impl PacketBackend for SwitchPort {
                     inner: self.inner.clone(),
                     port: self.index,
                     pair,
+                    has_waker: false,
                 }) as Box<dyn PacketQueue>
             })
             .collect()
@@ -395,6 +464,8 @@ struct SwitchQueue {
     inner: Arc<SwitchInner>,
     port: usize,
     pair: usize,
+    /// A space waker was given: the queue may report congestion.
+    has_waker: bool,
 }
 
 impl SwitchQueue {
@@ -417,12 +488,14 @@ impl PacketQueue for SwitchQueue {
         let Some(next) = queue.pop_front() else {
             return Ok(false);
         };
-        ingress.len.store(queue.len(), Ordering::Relaxed);
+        ingress.len.store(queue.len(), Ordering::SeqCst);
         if queue.is_empty() {
             // Not readable again until a packet arrives; a failure means it was not readable.
             let _ = ingress.ready.read();
         }
+        drop(queue);
         *packet = next;
+        self.inner.wake_blocked(self.port);
         Ok(true)
     }
 
@@ -431,8 +504,14 @@ impl PacketQueue for SwitchQueue {
         0
     }
 
-    fn congested(&self) -> bool {
-        self.inner.congested(self.port)
+    fn congested(&mut self) -> bool {
+        self.has_waker && self.inner.congested(self.port, self.pair)
+    }
+
+    fn set_space_waker(&mut self, waker: EventFd) {
+        let sender = &self.inner.ports[self.port].senders[self.pair];
+        *sender.waker.lock().unwrap_or_else(PoisonError::into_inner) = Some(waker);
+        self.has_waker = true;
     }
 
     fn set_offloads(&mut self, _guest: Offloads) -> Result<(), BackendError> {
@@ -456,9 +535,11 @@ impl PacketQueue for SwitchQueue {
                 .dropped_down
                 .fetch_add(queue.len() as u64, Ordering::Relaxed);
             queue.clear();
-            ingress.len.store(0, Ordering::Relaxed);
+            ingress.len.store(0, Ordering::SeqCst);
             let _ = ingress.ready.read();
         }
+        // Senders waiting for room: a queue came up, or one went down and was emptied.
+        self.inner.wake_blocked(self.port);
         Ok(())
     }
 }
@@ -535,25 +616,40 @@ mod tests {
     }
 
     #[test]
-    fn a_sender_is_congested_only_while_no_other_port_has_room() {
+    fn a_sender_waits_only_while_no_other_port_has_room_and_is_woken() {
         let config = SwitchConfig {
             queue_capacity: 2,
             ..SwitchConfig::default()
         };
         let s = Switch::new(3, 1, config).unwrap();
-        let (a, mut b, mut c) = (queues(&s, 0), queues(&s, 1), queues(&s, 2));
-        let mut a = a;
-        assert!(!a[0].congested());
-        // Fill B, then C (broadcasts reach both).
+        let (mut a, mut b, mut c) = (queues(&s, 0), queues(&s, 1), queues(&s, 2));
+        let waker = EventFd::new(EFD_NONBLOCK).unwrap();
+        let woken = || waker.read().is_ok();
+        // Fill B and C (broadcasts reach both): without a waker, never congested.
         a[0].send(&mut vec![packet([0xff; 6], A, 1), packet([0xff; 6], A, 2)]);
+        assert!(!a[0].congested(), "no waker: no backpressure");
+        a[0].set_space_waker(waker.try_clone().unwrap());
         assert!(a[0].congested(), "both full");
+        assert!(!woken());
+        b[0].set_space_waker(EventFd::new(EFD_NONBLOCK).unwrap());
         assert!(!b[0].congested(), "B can still send to A");
-        received(&mut c[0]);
-        assert!(!a[0].congested(), "C has room again");
+        let mut p = Vec::new();
+        assert!(c[0].recv(&mut p).unwrap());
+        assert!(woken(), "C made room");
+        assert!(!a[0].congested());
         c[0].set_enabled(false).unwrap();
         assert!(a[0].congested(), "B full and C down");
         received(&mut b[0]);
+        assert!(woken(), "B made room");
         assert!(!a[0].congested());
+        a[0].send(&mut vec![packet(B, A, 3), packet(B, A, 4)]);
+        assert!(a[0].congested(), "B full again");
+        b[0].set_enabled(false).unwrap();
+        assert!(woken(), "B went down");
+        assert!(
+            !a[0].congested(),
+            "nobody receives: frames are dropped, not held"
+        );
     }
 
     #[test]
@@ -611,6 +707,35 @@ mod tests {
         }
         a[0].send(&mut vec![packet(B, A, 1)]);
         assert_eq!(s.port_stats(1).dropped_down, 1);
+    }
+
+    #[test]
+    fn connections_from_even_ports_spread_over_two_pairs() {
+        // Linux gives connect() even ephemeral ports, consecutive ones close together: flows
+        // that differ in the low bits of the source port only must still use both pairs.
+        let s = Switch::new(2, 2, SwitchConfig::default()).unwrap();
+        let mut a = queues(&s, 0);
+        let mut b = queues(&s, 1);
+        let mut batch = Vec::new();
+        for port in (40_000..40_032u16).step_by(2) {
+            let mut p = vec![0u8; HDR_LEN];
+            p.extend(B);
+            p.extend(A);
+            p.extend([
+                0x08, 0x00, 0x45, 0, 0, 40, 0, 0, 0x40, 0, 64, 6, 0, 0, 10, 0, 0, 2, 10, 0, 0, 1,
+            ]);
+            p.extend(port.to_be_bytes());
+            p.extend(5003u16.to_be_bytes());
+            p.extend([0; 16]);
+            batch.push(p);
+        }
+        a[0].send(&mut batch);
+        let counts: Vec<usize> = b.iter_mut().map(|q| received(q).len()).collect();
+        assert_eq!(counts.iter().sum::<usize>(), 16);
+        assert!(
+            counts.iter().all(|&c| c >= 3),
+            "16 flows over 2 pairs: {counts:?}"
+        );
     }
 
     #[test]

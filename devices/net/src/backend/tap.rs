@@ -13,6 +13,8 @@ use std::io::{self, Read, Write};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::os::raw::c_short;
 
+use vmm_sys_util::eventfd::EventFd;
+
 use super::{BackendError, PacketBackend, PacketQueue};
 use crate::config::{Offloads, ETH_HLEN, MAX_GSO_PAYLOAD, VLAN_HLEN};
 use crate::hdr::HDR_LEN;
@@ -262,9 +264,13 @@ impl PacketQueue for TapQueue {
         dropped
     }
 
-    fn congested(&self) -> bool {
+    fn congested(&mut self) -> bool {
         // The kernel queues (and drops) behind the descriptor; a write never waits.
         false
+    }
+
+    fn set_space_waker(&mut self, _waker: EventFd) {
+        // Never congested: nothing to wake.
     }
 
     fn set_offloads(&mut self, guest: Offloads) -> Result<(), BackendError> {

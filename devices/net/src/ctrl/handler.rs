@@ -5,9 +5,8 @@ use std::os::fd::RawFd;
 use std::sync::Arc;
 
 use outboard_virtio::worker::QueueHandler;
-use outboard_virtio::{ActiveQueue, GuestMemoryMmap, Interrupt};
+use outboard_virtio::{ActiveQueue, Chain, GuestMemoryMmap, Interrupt};
 use virtio_bindings::virtio_net::{VIRTIO_NET_ERR, VIRTIO_NET_OK};
-use virtio_queue::DescriptorChain;
 use vm_memory::Bytes;
 
 use super::{CtrlCommand, CtrlError, RxModeKind, MAX_COMMAND_LEN};
@@ -38,7 +37,7 @@ impl CtrlHandler {
 
     /// Reads, parses and applies one command; returns the used length (1 with an ack, 0 for a
     /// chain with no room for one).
-    fn handle(&mut self, chain: DescriptorChain<&GuestMemoryMmap>, mem: &GuestMemoryMmap) -> u32 {
+    fn handle(&mut self, chain: Chain<'_>, mem: &GuestMemoryMmap) -> u32 {
         let buffers = match ChainBuffers::walk(chain, mem) {
             Ok(b) => b,
             Err(e) => {
