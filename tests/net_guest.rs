@@ -142,7 +142,6 @@ fn two_linux_guests_on_one_switch_ping_change_mac_and_stream_128_mib() {
 }
 
 #[test]
-#[ignore = "open (issue 3): after `ethtool -L combined 2` every flow lands on rx1; the switch's spread over enabled pairs is being reworked"]
 fn two_linux_guests_on_one_switch_choose_their_queue_pairs_with_ethtool() {
     // QEMU starts one vhost device per queue pair on the one connection (and sends each memory
     // region once per pair); the guests switch between one and two pairs with ethtool -L.
