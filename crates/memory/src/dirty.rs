@@ -10,9 +10,9 @@
 //! table. vm-memory calls it on every write through its API, so a device cannot forget to log;
 //! writes that bypass vm-memory (the kernel filling guest buffers for io_uring) are marked
 //! through the same bitmap by the code that submits them. With no log attached, marking costs one
-//! atomic load.
+//! plain atomic load of a flag (see [`LogSlot`]): it runs for every write a device makes.
 
-use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 
 use arc_swap::ArcSwapOption;
@@ -62,6 +62,12 @@ impl DirtyLog {
             }
         })?;
         Ok(DirtyLog { map })
+    }
+
+    /// The file the log is mapped from and the offset of the log in it (live upgrade hands
+    /// them to the next process).
+    pub fn file(&self) -> Option<(&std::fs::File, u64)> {
+        self.map.file_offset().map(|f| (f.file(), f.start()))
     }
 
     /// The number of bytes in the log.
@@ -133,7 +139,51 @@ impl DirtyLog {
 }
 
 /// Where the current log (if any) is found; one per memory table, shared by its regions.
-pub type LogSlot = ArcSwapOption<DirtyLog>;
+///
+/// Every write into guest memory asks it for the log, also while none is set (nearly always):
+/// an `ArcSwap` load takes a thread-local debt slot with an atomic exchange, which made the
+/// check alone ~15 % of `vhost-user-net`'s cycles. `active` answers "no log" with one plain
+/// load; only while it is set does a write load the log itself.
+#[derive(Debug, Default)]
+pub struct LogSlot {
+    /// Set while `log` holds a log: set after it is stored, cleared before it is taken away,
+    /// so that it is never clear while a log is set (a write never misses a log).
+    active: AtomicBool,
+    log: ArcSwapOption<DirtyLog>,
+}
+
+impl LogSlot {
+    /// A slot with no log.
+    pub fn empty() -> Self {
+        LogSlot::default()
+    }
+
+    /// Sets the log (`Some`) or takes it away (`None`); writes that start after this returns
+    /// see the change.
+    pub fn store(&self, log: Option<Arc<DirtyLog>>) {
+        if log.is_some() {
+            self.log.store(log);
+            self.active.store(true, Ordering::SeqCst);
+        } else {
+            self.active.store(false, Ordering::SeqCst);
+            self.log.store(None);
+        }
+    }
+
+    /// Whether a log is set.
+    pub fn is_active(&self) -> bool {
+        self.active.load(Ordering::SeqCst)
+    }
+
+    /// Calls `f` with the current log, if one is set.
+    fn with_log<R>(&self, f: impl FnOnce(&DirtyLog) -> R) -> Option<R> {
+        // On x86 a SeqCst load is a plain load: this is the whole cost with no log.
+        if !self.active.load(Ordering::SeqCst) {
+            return None;
+        }
+        self.log.load().as_deref().map(f)
+    }
+}
 
 #[derive(Debug)]
 struct RegionLog {
@@ -161,23 +211,20 @@ impl<'a> WithBitmapSlice<'a> for RegionDirty {
 }
 
 impl Bitmap for RegionDirty {
+    #[inline]
     fn mark_dirty(&self, offset: usize, len: usize) {
         if let Some(rl) = &self.log {
-            if let Some(log) = rl.slot.load().as_ref() {
-                log.mark(rl.gpa.wrapping_add(offset as u64), len as u64);
-            }
+            rl.slot
+                .with_log(|log| log.mark(rl.gpa.wrapping_add(offset as u64), len as u64));
         }
     }
 
     fn dirty_at(&self, offset: usize) -> bool {
-        match &self.log {
-            Some(rl) => rl
-                .slot
-                .load()
-                .as_ref()
-                .is_some_and(|log| log.is_dirty(rl.gpa.wrapping_add(offset as u64))),
-            None => false,
-        }
+        self.log.as_ref().is_some_and(|rl| {
+            rl.slot
+                .with_log(|log| log.is_dirty(rl.gpa.wrapping_add(offset as u64)))
+                .unwrap_or(false)
+        })
     }
 
     fn slice_at(&self, offset: usize) -> RefSlice<'_, RegionDirty> {
@@ -269,5 +316,32 @@ mod tests {
         // GPA 0x11000 is page 17: byte 2, bit 1.
         assert_eq!(byte(&view, 2), 0b10);
         assert!(region.dirty_at(0x1000));
+        slot.store(None);
+        region.mark_dirty(0x2000, 1);
+        assert_eq!(
+            byte(&view, 2),
+            0b10,
+            "the log was taken away: page 18 stays clean"
+        );
+        assert!(!region.dirty_at(0x1000), "no log, nothing reported");
+    }
+
+    #[test]
+    fn the_slot_is_active_exactly_while_a_log_is_set() {
+        let slot = LogSlot::empty();
+        assert!(!slot.is_active());
+        assert_eq!(slot.with_log(|_| ()), None);
+        let (dl, _view) = log(8);
+        let dl = Arc::new(dl);
+        slot.store(Some(dl.clone()));
+        assert!(slot.is_active());
+        assert_eq!(slot.with_log(|l| l.len()), Some(8));
+        // Replacing one log by another keeps logging on.
+        let (other, _other_view) = log(16);
+        slot.store(Some(Arc::new(other)));
+        assert_eq!(slot.with_log(|l| l.len()), Some(16));
+        slot.store(None);
+        assert!(!slot.is_active());
+        assert_eq!(slot.with_log(|l| l.len()), None);
     }
 }

@@ -215,7 +215,7 @@ impl MemoryTable {
 
     /// Whether writes are being logged.
     pub fn dirty_log_active(&self) -> bool {
-        self.log.load().is_some()
+        self.log.is_active()
     }
 
     /// The slot limit.
