@@ -1,7 +1,9 @@
 //! Backend processes started from a command template.
 //!
 //! The template is a shell command line in which `{sock}` stands for the vhost-user socket path
-//! the runner chooses (and `{compat}` for a compat version in the matrix mode). It runs as
+//! the runner chooses (`{sock0}`, `{sock1}`, … for a backend with one socket per port, such as
+//! `vhost-user-net --switch`; `{sock}` is `{sock0}`), and `{compat}` for a compat version in
+//! the matrix mode. It runs as
 //! `sh -c "exec …"`, so the process the runner stops is the backend itself. Its stdout and
 //! stderr go to a log file, whose last error lines explain a refusal.
 
@@ -12,8 +14,14 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 
 /// Replaces the placeholders of `template`.
-pub fn expand(template: &str, sock: &Path, compat: Option<u16>) -> String {
-    let mut cmd = template.replace("{sock}", &sock.display().to_string());
+pub fn expand(template: &str, socks: &[PathBuf], compat: Option<u16>) -> String {
+    let mut cmd = template.to_string();
+    for (i, s) in socks.iter().enumerate() {
+        cmd = cmd.replace(&format!("{{sock{i}}}"), &s.display().to_string());
+    }
+    if let Some(s) = socks.first() {
+        cmd = cmd.replace("{sock}", &s.display().to_string());
+    }
     if let Some(c) = compat {
         cmd = cmd.replace("{compat}", &c.to_string());
     }
@@ -24,8 +32,10 @@ pub fn expand(template: &str, sock: &Path, compat: Option<u16>) -> String {
 #[derive(Debug)]
 pub struct BackendProcess {
     child: Child,
-    /// The socket it listens on.
+    /// The socket it listens on (the first port's).
     pub sock: PathBuf,
+    /// Every socket it listens on, one per port.
+    pub socks: Vec<PathBuf>,
     /// Where its output goes.
     pub log: PathBuf,
     /// The command line.
@@ -33,14 +43,18 @@ pub struct BackendProcess {
 }
 
 impl BackendProcess {
-    /// Starts `command` (already expanded) and waits until `sock` exists, for up to `timeout`.
+    /// Starts `command` (already expanded) and waits until every socket of `socks` exists, for
+    /// up to `timeout`.
     pub fn start(
         command: &str,
-        sock: &Path,
+        socks: &[PathBuf],
         log: &Path,
         timeout: Duration,
     ) -> anyhow::Result<Self> {
-        let _ = std::fs::remove_file(sock);
+        let sock = socks.first().context("a backend needs a socket")?;
+        for s in socks {
+            let _ = std::fs::remove_file(s);
+        }
         let out = std::fs::File::create(log)
             .with_context(|| format!("cannot create {}", log.display()))?;
         let child = Command::new("/bin/sh")
@@ -57,12 +71,13 @@ impl BackendProcess {
             .with_context(|| format!("cannot start `{command}`"))?;
         let mut b = BackendProcess {
             child,
-            sock: sock.into(),
+            sock: sock.clone(),
+            socks: socks.to_vec(),
             log: log.into(),
             command: command.into(),
         };
         let deadline = Instant::now() + timeout;
-        while !sock.exists() {
+        while let Some(sock) = socks.iter().find(|s| !s.exists()) {
             if let Some(status) = b.child.try_wait()? {
                 bail!(
                     "`{command}` exited with {status} before listening on {}:\n{}",
@@ -109,6 +124,17 @@ impl BackendProcess {
                 (true, Some(i)) => l[i + 2..].to_string(),
                 _ => l.to_string(),
             })
+    }
+
+    /// Kills the process with SIGKILL (a crash) and reaps it.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Whether its output contains `needle` (a fault point's marker).
+    pub fn log_contains(&self, needle: &str) -> bool {
+        std::fs::read_to_string(&self.log).is_ok_and(|t| t.contains(needle))
     }
 
     /// Stops the process: SIGTERM, and SIGKILL after two seconds.
@@ -158,10 +184,16 @@ mod tests {
     fn placeholders_are_replaced() {
         let c = expand(
             "b --socket-path {sock} --compat-version {compat}",
-            Path::new("/t/s"),
+            &["/t/s".into()],
             Some(2),
         );
         assert_eq!(c, "b --socket-path /t/s --compat-version 2");
-        assert_eq!(expand("x {compat}", Path::new("/s"), None), "x {compat}");
+        assert_eq!(expand("x {compat}", &["/s".into()], None), "x {compat}");
+        let net = expand(
+            "n --socket-path {sock0} --socket-path {sock1}",
+            &["/t/a".into(), "/t/b".into()],
+            None,
+        );
+        assert_eq!(net, "n --socket-path /t/a --socket-path /t/b");
     }
 }

@@ -32,7 +32,7 @@ impl Tamper {
     }
 
     /// Applies the change; `Err` explains why it cannot be made to this state.
-    fn apply(self, blob: &mut Vec<u8>) -> Result<(), String> {
+    pub fn apply(self, blob: &mut Vec<u8>) -> Result<(), String> {
         const OUTBOARD_MAGIC: &[u8] = b"OBSTATE\0";
         // magic (8), format (2), then the u32 device type.
         const TYPE_AT: usize = 10;

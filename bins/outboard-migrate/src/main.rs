@@ -1,4 +1,10 @@
-//! `outboard-migrate`: a live-migration test runner for vhost-user-blk backends.
+//! `outboard-migrate`: a live-migration test runner for vhost-user-blk and vhost-user-net
+//! backends.
+//!
+//! For net (`--device net`, or a backend whose `--print-capabilities` says `"type":"net"`) it
+//! drives two ports of one backend process (`{sock0}`, `{sock1}` in the template) with numbered
+//! frames both ways and migrates the whole backend; see `net.rs` for what it proves. What
+//! follows describes the blk mode.
 //!
 //! It plays the VMM (Outboard's userspace frontend, guest RAM in a memfd shared with every
 //! backend), starts a backend from a command template (`{sock}` is replaced by the socket path
@@ -22,7 +28,9 @@
 //! log is not checked. Exit status 0 for a pass, 1 for a failure, 2 for a usage error.
 
 mod backend;
+mod crash;
 mod hop;
+mod net;
 mod report;
 mod workload;
 
@@ -41,7 +49,7 @@ use hop::{Hop, Outcome, Tamper, Tracker};
 use report::{Case, Progress, Report};
 use workload::Workload;
 
-/// Live-migration test runner for vhost-user-blk backends.
+/// Live-migration test runner for vhost-user-blk and vhost-user-net backends.
 #[derive(Parser, Debug)]
 #[command(name = "outboard-migrate", version, about)]
 struct Cli {
@@ -58,6 +66,11 @@ struct Cli {
     #[arg(long, global = true, value_name = "CMD")]
     dest_backend: Option<String>,
 
+    /// The device type (default: the `type` the backend prints with --print-capabilities;
+    /// blk if it prints none). Net drives two ports: `{sock0}` and `{sock1}` in the template.
+    #[arg(long, global = true, value_enum)]
+    device: Option<DeviceKind>,
+
     /// Request queues to drive.
     #[arg(long, global = true, default_value_t = 1)]
     queues: u16,
@@ -70,7 +83,7 @@ struct Cli {
     #[arg(long, global = true, default_value_t = 512)]
     blocks: u64,
 
-    /// Requests completed between two migrations.
+    /// Requests completed (net: frames exchanged each way) between two migrations.
     #[arg(long, global = true, default_value_t = 64)]
     ops_per_hop: u64,
 
@@ -111,12 +124,42 @@ enum Mode {
         #[arg(long, value_delimiter = ',')]
         versions: Vec<u16>,
     },
+    /// Kill the backend with SIGKILL COUNT times under load (at random times, and at every
+    /// fault point where the template has `{fault}`), restart it on the same socket and
+    /// reconnect: nothing in flight may be lost.
+    Crash {
+        /// Number of kills.
+        #[arg(long, default_value_t = 100)]
+        count: u32,
+        /// Every N-th restart carries a fault point (0: never).
+        #[arg(long, default_value_t = 4)]
+        fault_every: u32,
+    },
     /// Tampered states and mismatched destinations must be refused.
     Refusals {
         /// A destination command configured differently from the source (repeatable).
         #[arg(long, value_name = "CMD")]
         mismatched_dest: Vec<String>,
     },
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum DeviceKind {
+    Blk,
+    Net,
+}
+
+/// The device type: `--device`, else what the backend says it is.
+fn device_kind(cli: &Cli, template: &str) -> DeviceKind {
+    cli.device.unwrap_or_else(|| {
+        match backend::probe_capabilities(template)
+            .as_ref()
+            .and_then(|c| c["type"].as_str())
+        {
+            Some("net") => DeviceKind::Net,
+            _ => DeviceKind::Blk,
+        }
+    })
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -151,8 +194,9 @@ impl<'a> Runner<'a> {
         *seq += 1;
         let sock = dir.join(format!("backend-{seq}.sock"));
         let log = dir.join(format!("backend-{seq}.log"));
-        let cmd = backend::expand(template, &sock, compat);
-        BackendProcess::start(&cmd, &sock, &log, Duration::from_secs(cli.timeout))
+        let socks = [sock];
+        let cmd = backend::expand(template, &socks, compat);
+        BackendProcess::start(&cmd, &socks, &log, Duration::from_secs(cli.timeout))
     }
 
     /// Starts the source and the workload on it.
@@ -483,20 +527,70 @@ fn main() {
         eprintln!("outboard-migrate: cannot create {}: {e}", dir.display());
         std::process::exit(2);
     }
+    let kind = device_kind(&cli, &backend);
     let mut report = Report {
-        backend,
+        backend: backend.clone(),
         ..Report::default()
     };
-    let result = match &cli.mode {
-        Mode::Migrate { count, expect } => {
+    let timeout = Duration::from_secs(cli.timeout);
+    let dst = cli.dest_backend.clone().unwrap_or_else(|| backend.clone());
+    if kind == DeviceKind::Net {
+        report.frames = Some(report::FrameCounts::default());
+    }
+    let result = match (&cli.mode, kind) {
+        (Mode::Migrate { count, expect }, DeviceKind::Net) => {
+            report.mode = "migrate (net)".into();
+            if *expect == Expect::Refused {
+                Err(anyhow::anyhow!(
+                    "--expect refused is not implemented for net: use the refusals mode"
+                ))
+            } else {
+                net::run_migrate(
+                    &dir,
+                    &backend,
+                    &dst,
+                    *count,
+                    cli.ops_per_hop,
+                    timeout,
+                    &mut report,
+                )
+            }
+        }
+        (Mode::Refusals { mismatched_dest }, DeviceKind::Net) => {
+            report.mode = "refusals (net)".into();
+            if mismatched_dest.is_empty() {
+                net::run_refusals(&dir, &backend, &dst, cli.ops_per_hop, timeout, &mut report)
+            } else {
+                Err(anyhow::anyhow!(
+                    "--mismatched-dest is not implemented for net (tests/migration_net.rs covers a port configured otherwise)"
+                ))
+            }
+        }
+        (Mode::Matrix { .. }, DeviceKind::Net) => {
+            report.mode = "matrix (net)".into();
+            Err(anyhow::anyhow!(
+                "vhost-user-net has a single compat version: there is no matrix to run"
+            ))
+        }
+        (Mode::Migrate { count, expect }, DeviceKind::Blk) => {
             report.mode = "migrate".into();
             run_migrate(&cli, &dir, *count, *expect, &mut report)
         }
-        Mode::Matrix { versions } => {
+        (Mode::Matrix { versions }, DeviceKind::Blk) => {
             report.mode = "matrix".into();
             run_matrix(&cli, &dir, versions, &mut report)
         }
-        Mode::Refusals { mismatched_dest } => {
+        (Mode::Crash { count, fault_every }, DeviceKind::Blk) => {
+            report.mode = "crash".into();
+            crash::run_crash(&cli, &dir, *count, *fault_every, &mut report)
+        }
+        (Mode::Crash { .. }, DeviceKind::Net) => {
+            report.mode = "crash (net)".into();
+            Err(anyhow::anyhow!(
+                "the crash mode drives blk backends; net restarts are covered by tests/crash_recovery.rs"
+            ))
+        }
+        (Mode::Refusals { mismatched_dest }, DeviceKind::Blk) => {
             report.mode = "refusals".into();
             run_refusals(&cli, &dir, mismatched_dest, &mut report)
         }

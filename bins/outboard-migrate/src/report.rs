@@ -48,6 +48,42 @@ impl Case {
     }
 }
 
+/// Frames of the net workload.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FrameCounts {
+    /// Sent by port A and by port B.
+    pub sent: [u64; 2],
+    /// Received in order from port A (by B) and from port B (by A).
+    pub received: [u64; 2],
+    /// Never arrived.
+    pub lost: u64,
+    /// Arrived again, or before a frame sent earlier.
+    pub duplicated_or_reordered: u64,
+    /// Not a frame the runner sent, or one whose CRC does not match.
+    pub corrupt: u64,
+}
+
+impl FrameCounts {
+    /// Adds another run's counts.
+    pub fn add(&mut self, o: &FrameCounts) {
+        for i in 0..2 {
+            self.sent[i] += o.sent[i];
+            self.received[i] += o.received[i];
+        }
+        self.lost += o.lost;
+        self.duplicated_or_reordered += o.duplicated_or_reordered;
+        self.corrupt += o.corrupt;
+    }
+
+    /// Every frame sent arrived once, in order, intact.
+    pub fn clean(&self) -> bool {
+        self.sent == self.received
+            && self.lost == 0
+            && self.duplicated_or_reordered == 0
+            && self.corrupt == 0
+    }
+}
+
 /// Everything a run found.
 #[derive(Debug, Default)]
 pub struct Report {
@@ -67,10 +103,14 @@ pub struct Report {
     pub violations: Vec<String>,
     /// Requests (submitted, completed, writes, reads verified).
     pub requests: [u64; 4],
-    /// Blocks read back at the end and the mismatches found.
+    /// Blocks read back at the end and the mismatches found (blk).
     pub readback: Option<(u64, Vec<String>)>,
+    /// The frames exchanged (net).
+    pub frames: Option<FrameCounts>,
     /// A fatal error that ended the run early.
     pub error: Option<String>,
+    /// Mode-specific results (crash: kills and pauses), added to the JSON report as they are.
+    pub extra: serde_json::Map<String, Value>,
 }
 
 fn ms(d: Duration) -> f64 {
@@ -91,10 +131,11 @@ impl Report {
         self.error.is_none()
             && self.violations.is_empty()
             && self.cases.iter().all(Case::as_expected)
-            && self
+            && (self
                 .readback
                 .as_ref()
                 .is_some_and(|(_, bad)| bad.is_empty())
+                || self.frames.is_some_and(|f| f.clean()))
             && self
                 .hops
                 .iter()
@@ -122,7 +163,7 @@ impl Report {
             .iter()
             .flat_map(|d| d.missing.iter().copied())
             .collect();
-        json!({
+        let mut report = json!({
             "tool": "outboard-migrate",
             "mode": self.mode,
             "backend": self.backend,
@@ -164,6 +205,13 @@ impl Report {
                 "missing_examples": missing.iter().take(8)
                     .map(|(p, what)| format!("{:#x} ({what})", p * 4096)).collect::<Vec<_>>(),
             },
+            "frames": self.frames.map(|f| json!({
+                "sent": {"a_to_b": f.sent[0], "b_to_a": f.sent[1]},
+                "received_in_order": {"a_to_b": f.received[0], "b_to_a": f.received[1]},
+                "lost": f.lost,
+                "duplicated_or_reordered": f.duplicated_or_reordered,
+                "corrupt": f.corrupt,
+            })),
             "readback": self.readback.as_ref().map(|(n, bad)| json!({
                 "blocks": n, "mismatches": bad.len(), "examples": bad.iter().take(8).collect::<Vec<_>>(),
             })),
@@ -179,7 +227,13 @@ impl Report {
                 "dirty_pages_missing": h.dirty.as_ref().map(|d| d.missing.len()),
             })).collect::<Vec<_>>(),
             "violations": self.violations,
-        })
+        });
+        if let Some(map) = report.as_object_mut() {
+            for (k, v) in &self.extra {
+                map.insert(k.clone(), v.clone());
+            }
+        }
+        report
     }
 
     /// The readable verdict.
@@ -212,14 +266,28 @@ impl Report {
         if inflight > 0 {
             let by_src: u64 = self.hops.iter().map(|h| h.completed_by_source).sum();
             let by_dst: u64 = self.hops.iter().map(|h| h.resumed_by_destination).sum();
+            let what = if self.frames.is_some() {
+                "transmitted frames"
+            } else {
+                "requests"
+            };
             line(format!(
-                "  in flight at stop: {inflight} requests ({by_src} completed by the source before GET_VRING_BASE replied, {by_dst} resumed by the destination)"
+                "  in flight at stop: {inflight} {what} ({by_src} completed by the source before GET_VRING_BASE replied, {by_dst} resumed by the destination)"
             ));
         }
-        line(format!(
-            "  requests: {} submitted, {} completed exactly once, {} writes, {} reads verified",
-            self.requests[0], self.requests[1], self.requests[2], self.requests[3]
-        ));
+        if let Some(f) = &self.frames {
+            line(format!(
+                "  frames: A→B {} sent, {} received in order; B→A {} sent, {} received in order; {} lost, {} duplicated or reordered, {} corrupt{}",
+                f.sent[0], f.received[0], f.sent[1], f.received[1], f.lost,
+                f.duplicated_or_reordered, f.corrupt,
+                if f.clean() { ": no accepted frame lost, duplicated or reordered" } else { "" }
+            ));
+        } else {
+            line(format!(
+                "  requests: {} submitted, {} completed exactly once, {} writes, {} reads verified",
+                self.requests[0], self.requests[1], self.requests[2], self.requests[3]
+            ));
+        }
         let dirty: Vec<_> = self.hops.iter().filter_map(|h| h.dirty.as_ref()).collect();
         if !dirty.is_empty() {
             let expected: u64 = dirty.iter().map(|d| d.expected).sum();

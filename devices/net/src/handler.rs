@@ -625,6 +625,8 @@ impl QueueHandler for PairHandler {
         // is dropped, as it would be without the stop.
         let rx_index = self.rx_index();
         if let Some(rx) = queues.iter_mut().find(|q| q.index() == rx_index) {
+            // The driver may have posted buffers whose kick the stop overtook: look again.
+            self.starved = false;
             // Bounded: a backend that never runs dry (a busy TAP) cannot hold the stop up.
             for _ in 0..DRAIN_ROUNDS {
                 if let Err(e) = self.receive(rx, mem, interrupt) {

@@ -202,6 +202,34 @@ fn the_device_stops_polling_the_backend_without_buffers_and_resumes_on_a_kick() 
 }
 
 #[test]
+fn a_stop_places_what_the_switch_holds_into_the_buffers_the_driver_posted() {
+    // Frames A's device accepted wait in the switch for B; B's driver posts buffers, and the
+    // stop (a migration's GET_VRING_BASE) overtakes its kick. The frames must be in B's
+    // receive ring when the stop returns, not left behind in the old process.
+    let switch = Switch::new(2, 1, SwitchConfig::default()).unwrap();
+    let (mem_a, mem_b) = (memory(), memory());
+    let mut a = MockDriver::new(&mem_a, 3);
+    let mut b = MockDriver::new(&mem_b, 3);
+    let _net_a = start(&switch, 0, config(MAC_A, 1), &a, |f| f, &[0, 1, 2]);
+    let mut net_b = start(&switch, 1, config(MAC_B, 1), &b, |f| f, &[0, 1, 2]);
+    let frames: Vec<_> = (0..5)
+        .map(|i| frame(MAC_B, MAC_A, 100 + i, i as u8))
+        .collect();
+    transmit(&mut a, 1, &frames);
+    eventually("the switch took every frame", || {
+        switch.port_stats(1).delivered == 5
+    });
+    std::thread::sleep(Duration::from_millis(20));
+    let bufs: Vec<_> = (0..8).map(|_| b.rx_buffer(0, 2048)).collect();
+    drop(net_b.quiesce());
+    let got = receive(&mut b, 0, &bufs, 5);
+    for (g, f) in got.iter().zip(&frames) {
+        assert_eq!(&g[HDR_LEN..], &f[..], "in order, none lost");
+    }
+    assert_eq!(net_b.stats().rx_dropped, 0);
+}
+
+#[test]
 fn a_full_transmit_ring_is_taken_in_turns_and_nothing_stalls() {
     // A ring of transmit chains is several turns' budget: the worker takes the rest after a
     // receive turn, woken by itself, and then listens to kicks again.

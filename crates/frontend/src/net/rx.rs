@@ -18,6 +18,9 @@ pub struct RxPacket {
     pub frame: Vec<u8>,
     /// The buffers (used entries) it spanned.
     pub buffers: u16,
+    /// Each of those buffers' guest-physical address and the length the device wrote there
+    /// (what a dirty log must mark).
+    pub written: Vec<(u64, u32)>,
 }
 
 const NO_BUFFER: usize = usize::MAX;
@@ -161,8 +164,10 @@ impl NetRxQueue {
             return Ok(None);
         }
         let mut frame = Vec::new();
+        let mut written = Vec::with_capacity(count);
         for k in 0..count {
             let (b, len) = self.used.pop_front().expect("counted above");
+            written.push((self.bufs[b].gpa(), len));
             let skip = if k == 0 { NET_HDR_LEN } else { 0 };
             let start = frame.len();
             frame.resize(start + (len as usize).saturating_sub(skip), 0);
@@ -174,6 +179,7 @@ impl NetRxQueue {
             hdr,
             frame,
             buffers: count as u16,
+            written,
         }))
     }
 

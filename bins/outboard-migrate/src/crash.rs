@@ -1,0 +1,282 @@
+//! The `crash` mode: the backend is killed with SIGKILL under a verifying workload, at random
+//! times and at every fault point, restarted on the same socket, and the runner reconnects the
+//! way QEMU does (`-chardev socket,reconnect=1`): the same RAM and rings, each ring restarted at
+//! its used index, the inflight region handed back. The backend must resubmit what its
+//! predecessor had in flight; the workload proves that no write was lost, duplicated or
+//! corrupted and that every request completed exactly once.
+//!
+//! Fault points need the backend's cooperation: where the template has `{fault}`, the runner
+//! puts `--fault-point POINT@N:ACTION` there (Outboard's test-only option) for every
+//! `--fault-every`-th restart, walking every point with both actions (`stop`: the runner kills
+//! the stopped process; `exit`: it dies by itself); elsewhere `{fault}` is empty. A backend
+//! without INFLIGHT_SHMFD cannot recover requests in flight: the runner says so and stops.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use outboard_frontend::migration::migration_protocol_features;
+use outboard_frontend::{BlkDriver, BlkOptions, SessionBuilder, WaitMode};
+use serde_json::json;
+use vhost::vhost_user::message::VhostUserProtocolFeatures;
+
+use crate::backend::{self, BackendProcess};
+use crate::report::{Progress, Report};
+use crate::workload::{self, Workload};
+use crate::Cli;
+
+/// The fault points of Outboard's backends (`--fault-point`).
+const POINTS: [&str; 4] = [
+    "after-inflight-mark",
+    "after-storage-write",
+    "before-used-update",
+    "after-used-update",
+];
+
+/// One planned crash.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Kill {
+    /// SIGKILL after a random amount of work.
+    Random,
+    /// At a fault point: (point, pass, action).
+    Fault(&'static str, u64, &'static str),
+}
+
+impl Kill {
+    fn arg(&self) -> String {
+        match self {
+            Kill::Random => String::new(),
+            Kill::Fault(p, n, a) => format!("--fault-point {p}@{n}:{a}"),
+        }
+    }
+
+    fn name(&self) -> String {
+        match self {
+            Kill::Random => "random".into(),
+            Kill::Fault(p, _, a) => format!("{p}:{a}"),
+        }
+    }
+}
+
+struct Crasher<'a> {
+    cli: &'a Cli,
+    dir: &'a Path,
+    template: &'a str,
+    sock: std::path::PathBuf,
+    started: u32,
+    rng: u64,
+}
+
+impl Crasher<'_> {
+    fn random(&mut self) -> u64 {
+        self.rng ^= self.rng << 13;
+        self.rng ^= self.rng >> 7;
+        self.rng ^= self.rng << 17;
+        self.rng
+    }
+
+    fn spawn(&mut self, kill: &Kill) -> anyhow::Result<BackendProcess> {
+        self.started += 1;
+        let log = self.dir.join(format!("crash-{}.log", self.started));
+        let cmd = self.template.replace("{fault}", &kill.arg());
+        let cmd = backend::expand(&cmd, std::slice::from_ref(&self.sock), None);
+        BackendProcess::start(
+            &cmd,
+            std::slice::from_ref(&self.sock),
+            &log,
+            Duration::from_secs(self.cli.timeout),
+        )
+    }
+
+    /// What the `i`-th restart will carry.
+    fn plan(&mut self, i: u32, fault_every: u32, faults: bool) -> Kill {
+        if !faults || fault_every == 0 || i % fault_every != fault_every - 1 {
+            return Kill::Random;
+        }
+        let k = (i / fault_every) as usize;
+        let point = POINTS[k % POINTS.len()];
+        let action = if (k / POINTS.len()) % 2 == 0 {
+            "stop"
+        } else {
+            "exit"
+        };
+        let nth = 1 + self.random() % (2 * u64::from(self.cli.depth.max(1)));
+        Kill::Fault(point, nth, action)
+    }
+}
+
+/// Statistics of a crash run.
+#[derive(Debug, Default)]
+struct Stats {
+    kills: BTreeMap<String, u64>,
+    /// From the kill to the session running on the new process.
+    reconnect: Vec<f64>,
+    /// From the kill to the first completion afterwards.
+    pause: Vec<f64>,
+    in_flight_at_kill: u64,
+}
+
+fn summary(v: &mut [f64]) -> serde_json::Value {
+    if v.is_empty() {
+        return json!(null);
+    }
+    v.sort_by(f64::total_cmp);
+    let p = |q: f64| v[((v.len() - 1) as f64 * q).round() as usize];
+    json!({"median_ms": p(0.5), "p99_ms": p(0.99), "max_ms": v[v.len() - 1]})
+}
+
+/// Runs `count` crash/restart cycles.
+pub fn run_crash(
+    cli: &Cli,
+    dir: &Path,
+    count: u32,
+    fault_every: u32,
+    report: &mut Report,
+) -> anyhow::Result<()> {
+    let template = cli.backend.as_deref().expect("checked");
+    let faults = template.contains("{fault}");
+    if !faults {
+        report.notes.push(
+            "no `{fault}` in --backend: only random kills (fault points need Outboard's --fault-point)"
+                .into(),
+        );
+    }
+    let mut c = Crasher {
+        cli,
+        dir,
+        template,
+        sock: dir.join("crash.sock"),
+        started: 0,
+        rng: cli.seed | 1,
+    };
+    let timeout = Duration::from_secs(cli.timeout);
+    let mut kill = c.plan(0, fault_every, faults);
+    let mut proc = c.spawn(&kill)?;
+    let builder = SessionBuilder::new(&c.sock)
+        .queues(cli.queues)
+        .ram_size(crate::ram_size(cli))
+        .protocol_features(
+            migration_protocol_features() | VhostUserProtocolFeatures::INFLIGHT_SHMFD,
+        )
+        .io_timeout(Some(timeout));
+    let opts = BlkOptions {
+        slots: cli.depth,
+        slot_data_size: workload::BLOCK,
+        wait: WaitMode::Block(timeout),
+        ..BlkOptions::default()
+    };
+    let driver = BlkDriver::connect_with(builder, opts)
+        .with_context(|| format!("cannot set up the device on `{}`", proc.command))?;
+    let mut w = Workload::new(driver, cli.blocks, cli.depth, cli.seed)?;
+    if !w.driver.session().has_inflight() {
+        report.notes.push("the backend lacks the INFLIGHT_SHMFD protocol feature: requests in flight at a crash cannot be recovered, so crash recovery cannot be proved".into());
+        bail!("the backend does not offer INFLIGHT_SHMFD");
+    }
+    let mut stats = Stats::default();
+    let progress = Progress::new(u64::from(count));
+    let short = WaitMode::Block(Duration::from_millis(2));
+    for i in 0..count {
+        // Work, then the crash this process was started for.
+        match &kill {
+            Kill::Random => {
+                let ops = c.random() % (cli.ops_per_hop.max(1) + 1);
+                w.run(ops, timeout)?;
+                w.fill()?;
+                let spin = c.random() % 300;
+                std::thread::sleep(Duration::from_micros(spin));
+                proc.kill();
+            }
+            Kill::Fault(point, _, _) => {
+                let marker = format!("outboard-fault: {point} reached");
+                let deadline = Instant::now() + timeout;
+                loop {
+                    w.fill()?;
+                    w.reap(short)?;
+                    if proc.log_contains(&marker) {
+                        break;
+                    }
+                    if !proc.is_alive() {
+                        bail!(
+                            "the backend exited before reaching {point}:\n{}",
+                            proc.log_tail(10)
+                        );
+                    }
+                    if Instant::now() > deadline {
+                        bail!("the backend did not reach {point} within {timeout:?}");
+                    }
+                }
+                // `exit` ends the process itself; `stop` leaves it for the kill.
+                proc.kill();
+            }
+        }
+        let killed = Instant::now();
+        stats.in_flight_at_kill += w.in_flight() as u64;
+        *stats.kills.entry(kill.name()).or_default() += 1;
+        if let Some(v) = w.violations.first() {
+            bail!("before crash {}: {v}", i + 1);
+        }
+        // Restart on the same socket, with the next crash planned, and reconnect.
+        kill = c.plan(i + 1, fault_every, faults);
+        proc = c.spawn(&kill)?;
+        w.driver
+            .session()
+            .reconnect()
+            .with_context(|| format!("reconnecting after crash {}", i + 1))?;
+        stats.reconnect.push(killed.elapsed().as_secs_f64() * 1e3);
+        if w.in_flight() > 0 {
+            let before = w.counts.completed;
+            while w.counts.completed == before {
+                w.reap(WaitMode::Block(timeout))?;
+                if w.counts.completed == before {
+                    bail!(
+                        "after crash {}: none of the {} requests in flight completed within {timeout:?}",
+                        i + 1,
+                        w.in_flight()
+                    );
+                }
+            }
+            stats.pause.push(killed.elapsed().as_secs_f64() * 1e3);
+        }
+        progress.update(u64::from(i) + 1);
+    }
+    progress.finish();
+    w.run(cli.ops_per_hop, timeout)?;
+    w.drain(timeout)?;
+    let (blocks, mut bad) = w.read_back()?;
+    report.violations.append(&mut w.violations);
+    let co = w.counts;
+    for (total, n) in
+        report
+            .requests
+            .iter_mut()
+            .zip([co.submitted, co.completed, co.writes, co.reads_verified])
+    {
+        *total += n;
+    }
+    let (total, all_bad) = report.readback.get_or_insert((0, Vec::new()));
+    *total += blocks;
+    all_bad.append(&mut bad);
+    report.notes.push(format!(
+        "crash: {count} kills ({}), {} requests in flight at the kills, all recovered; reconnect {} / first completion {}",
+        stats
+            .kills
+            .iter()
+            .map(|(k, n)| format!("{k} ×{n}"))
+            .collect::<Vec<_>>()
+            .join(", "),
+        stats.in_flight_at_kill,
+        summary(&mut stats.reconnect),
+        summary(&mut stats.pause),
+    ));
+    report.extra.insert(
+        "crash".into(),
+        json!({
+            "kills": stats.kills,
+            "in_flight_at_kills": stats.in_flight_at_kill,
+            "reconnect": summary(&mut stats.reconnect),
+            "pause": summary(&mut stats.pause),
+        }),
+    );
+    Ok(())
+}
