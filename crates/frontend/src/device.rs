@@ -9,9 +9,11 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use std::os::fd::AsRawFd;
+
 use log::debug;
 use vhost::vhost_user::message::{
-    VhostUserConfigFlags, VhostUserProtocolFeatures, VhostUserVirtioFeatures,
+    VhostUserConfigFlags, VhostUserInflight, VhostUserProtocolFeatures, VhostUserVirtioFeatures,
 };
 use vhost::vhost_user::VhostUserFrontend;
 use vhost::VhostBackend;
@@ -244,6 +246,7 @@ impl SessionBuilder {
             started: Vec::new(),
             backend: None,
             status: 0,
+            inflight: None,
         };
         s.handshake()?;
         Ok(s)
@@ -322,9 +325,55 @@ pub struct Session {
     started: Vec<bool>,
     backend: Option<BackendChannel>,
     status: u8,
+    /// The inflight region the backend gave (GET_INFLIGHT_FD), kept across reconnects.
+    inflight: Option<Inflight>,
+}
+
+/// The inflight region a backend handed out, as the frontend keeps it.
+#[derive(Debug)]
+struct Inflight {
+    mmap_size: u64,
+    mmap_offset: u64,
+    num_queues: u16,
+    queue_size: u16,
+    file: std::fs::File,
 }
 
 impl Session {
+    /// GET_INFLIGHT_FD once per session, then SET_INFLIGHT_FD on every connection: a
+    /// restarted backend finds what its predecessor had in flight.
+    fn set_inflight(&mut self) -> Result<(), SessionError> {
+        if self.inflight.is_none() {
+            let ask = VhostUserInflight::new(0, 0, self.opts.num_queues, self.opts.queue_size);
+            let (given, file) = self
+                .conn
+                .frontend()
+                .get_inflight_fd(&ask)
+                .ctx("GET_INFLIGHT_FD")?;
+            self.inflight = Some(Inflight {
+                mmap_size: given.mmap_size,
+                mmap_offset: given.mmap_offset,
+                num_queues: given.num_queues,
+                queue_size: given.queue_size,
+                file,
+            });
+        }
+        if let Some(i) = &self.inflight {
+            let given =
+                VhostUserInflight::new(i.mmap_size, i.mmap_offset, i.num_queues, i.queue_size);
+            self.conn
+                .frontend()
+                .set_inflight_fd(&given, i.file.as_raw_fd())
+                .ctx("SET_INFLIGHT_FD")?;
+        }
+        Ok(())
+    }
+
+    /// Whether the backend keeps an inflight region for this session.
+    pub fn has_inflight(&self) -> bool {
+        self.inflight.is_some()
+    }
+
     fn handshake(&mut self) -> Result<(), SessionError> {
         let fe = self.conn.frontend();
         let offered = fe.get_features().ctx("GET_FEATURES")?;
@@ -371,6 +420,9 @@ impl Session {
             .frontend()
             .set_mem_table(&self.ram.regions_info())
             .ctx("SET_MEM_TABLE")?;
+        if self.negotiated.has_protocol(P::INFLIGHT_SHMFD) {
+            self.set_inflight()?;
+        }
         debug!("vhost-user handshake done: {:?}", self.negotiated);
         Ok(())
     }
@@ -593,9 +645,12 @@ impl Session {
     }
 
     /// Drops the connection and replays the whole setup on a new one to the same path, with
-    /// the same RAM and rings. Each ring restarts at the avail index the driver published, so
-    /// queues must be quiescent (nothing in flight): without inflight tracking a backend cannot
-    /// recover requests it had popped.
+    /// the same RAM and rings: what a VMM does when its backend crashed and was restarted.
+    /// With an inflight region (INFLIGHT_SHMFD negotiated) each ring restarts at its used
+    /// index, as QEMU does, and the backend resubmits from its region what was in flight: any
+    /// number of requests may be outstanding. Without one, each ring restarts at the avail
+    /// index the driver published, so queues must be quiescent (nothing in flight): a backend
+    /// cannot recover requests it had popped.
     pub fn reconnect(&mut self) -> Result<(), SessionError> {
         self.conn.shutdown();
         self.backend = None;
@@ -608,7 +663,12 @@ impl Session {
             return Err(SessionError::FeaturesChanged { before, after });
         }
         for i in self.queue_indices() {
-            let base = self.vring(i)?.published_avail_idx();
+            let v = self.vring(i)?;
+            let base = if self.inflight.is_some() {
+                v.published_used_idx()
+            } else {
+                v.published_avail_idx()
+            };
             self.start_queue(i, base)?;
         }
         self.driver_ok()

@@ -228,6 +228,15 @@ impl MemoryTable {
         self.regions.iter().map(|r| &r.desc)
     }
 
+    /// Each region with the file it is mapped from and how many ADD_MEM_REG of it are not yet
+    /// matched by a REM_MEM_REG: what another process needs to map the same table (live upgrade).
+    pub fn region_files(&self) -> impl Iterator<Item = (&RegionDescriptor, &File, u32)> {
+        self.regions.iter().filter_map(|r| {
+            let file = vm_memory::GuestMemoryRegion::file_offset(r.region.as_ref())?.file();
+            Some((&r.desc, file, r.adds))
+        })
+    }
+
     /// Whether the table has no region.
     pub fn is_empty(&self) -> bool {
         self.regions.is_empty()
@@ -391,7 +400,7 @@ impl MemoryTable {
 /// shrinking (QEMU's memfd backend already seals its memfds); for other files the risk is logged,
 /// as it exists for every mmap-based backend. `what` and `gpa` name the file in the log: guest
 /// memory regions and the dirty log (see `dirty.rs`) are both mapped from frontend files.
-pub(crate) fn seal_against_shrinking(file: &File, what: &str, gpa: u64) {
+pub fn seal_against_shrinking(file: &File, what: &str, gpa: u64) {
     use nix::fcntl::{fcntl, FcntlArg, SealFlag};
     match fcntl(file, FcntlArg::F_GET_SEALS) {
         Ok(seals) if SealFlag::from_bits_truncate(seals).contains(SealFlag::F_SEAL_SHRINK) => {}

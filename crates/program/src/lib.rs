@@ -11,6 +11,8 @@
 //!   open, [`enter_sandbox`] confines the process (`outboard-sandbox`) before any frontend
 //!   message is read, and every thread runs under the seccomp filter of its role.
 
+pub mod upgrade;
+
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -180,6 +182,13 @@ pub struct SandboxArgs {
     /// the kernel logs it, for building policies); none (no filter).
     #[arg(long, value_name = "ACTION", default_value = "kill", value_parser = seccomp_mode_parser())]
     pub seccomp: SeccompMode,
+
+    /// Test only: stop the thread (`stop`, for the test to kill the process) or exit the
+    /// process at once (`exit`) the N-th time a request passes POINT: after-inflight-mark,
+    /// after-storage-write, before-used-update or after-used-update. Armed when the sandbox is
+    /// entered.
+    #[arg(long, hide = true, value_name = "POINT[@N][:stop|exit]")]
+    pub fault_point: Option<outboard_virtio::fault::FaultSpec>,
 }
 
 fn sandbox_level_parser() -> impl TypedValueParser<Value = SandboxLevel> {
@@ -228,7 +237,22 @@ pub fn enter_sandbox(
     signals: SigSet,
     sockets: &mut [ServingSocket],
 ) -> anyhow::Result<EventFd> {
+    confine(args, device, signals, sockets, false)
+}
+
+/// [`enter_sandbox`], with the control thread's rules for live upgrade if `live_upgrade`.
+fn confine(
+    args: &SandboxArgs,
+    device: DeviceSandbox,
+    signals: SigSet,
+    sockets: &mut [ServingSocket],
+    live_upgrade: bool,
+) -> anyhow::Result<EventFd> {
     let selftest = SelfTest::from_env().map_err(anyhow::Error::msg)?;
+    if let Some(spec) = args.fault_point {
+        log::warn!("fault point armed: {spec:?}");
+        outboard_virtio::fault::arm(spec);
+    }
     let config = SandboxConfig {
         max_open_files: device.max_open_files,
         ..SandboxConfig::new(args.sandbox, args.seccomp)
@@ -250,8 +274,12 @@ pub fn enter_sandbox(
         socket_reapers.push(reaper.pid());
         socket.hand_file_to(reaper);
     }
-    let policy = layers::vhost_user_backend(ProgramOptions { socket_reapers }, device.layer)
-        .context("invalid sandbox policy")?;
+    let options = ProgramOptions {
+        socket_reapers,
+        live_upgrade,
+    };
+    let policy =
+        layers::vhost_user_backend(options, device.layer).context("invalid sandbox policy")?;
     let mut sandbox = Sandbox::new(config, &policy).context("cannot prepare the sandbox")?;
     sandbox
         .restrict_process()
@@ -287,6 +315,9 @@ pub enum SocketFile {
     /// Removed by the sandbox's helper process when the socket is dropped, or when this
     /// process dies (a sandboxed process has no right to remove files).
     Reaper(SocketReaper),
+    /// Taken over from another process by live upgrade, with a duplicate of the pipe its
+    /// reaper waits on: the file is removed once this process (and every other holder) ends.
+    Handed(OwnedFd),
 }
 
 impl ServingSocket {
@@ -295,6 +326,17 @@ impl ServingSocket {
         match self {
             ServingSocket::Listener(_, SocketFile::Remove(path)) => Some(path),
             _ => None,
+        }
+    }
+
+    /// After a live upgrade: the socket file is the new process's now; nothing is removed or
+    /// waited for when this one ends.
+    pub fn give_away_file(&mut self) {
+        if let ServingSocket::Listener(_, file) = self {
+            match std::mem::replace(file, SocketFile::NotOurs) {
+                SocketFile::Reaper(reaper) => reaper.disown(),
+                SocketFile::Remove(_) | SocketFile::Handed(_) | SocketFile::NotOurs => {}
+            }
         }
     }
 
@@ -315,6 +357,8 @@ impl Drop for ServingSocket {
                 }
                 // Waits until the helper has removed the file.
                 SocketFile::Reaper(reaper) => drop(reaper),
+                // Closing the pipe lets the old process's helper remove the file.
+                SocketFile::Handed(pipe) => drop(pipe),
                 SocketFile::NotOurs => {}
             }
         }
@@ -370,14 +414,22 @@ pub fn serve(
     socket: &ServingSocket,
     shutdown: &EventFd,
 ) -> anyhow::Result<()> {
-    match socket {
+    serve_socket(backend, socket, shutdown)?;
+    log::info!("exiting");
+    Ok(())
+}
+
+fn serve_socket(
+    backend: &mut VhostUserBackend,
+    socket: &ServingSocket,
+    shutdown: &EventFd,
+) -> anyhow::Result<outboard_vhost_user::SessionEnd> {
+    Ok(match socket {
         ServingSocket::Listener(l, _) => backend.serve_listener(l, shutdown)?,
         ServingSocket::Connected(s) => {
             let stream = s.try_clone().context("cannot duplicate the socket")?;
             log::info!("serving the frontend on fd {}", s.as_raw_fd());
-            backend.serve_stream(stream, shutdown)?;
+            backend.serve_stream(stream, shutdown)?
         }
-    }
-    log::info!("exiting");
-    Ok(())
+    })
 }

@@ -13,17 +13,23 @@ use std::sync::Arc;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use outboard_memory::dirty::DirtyLog;
 use outboard_memory::{GuestMemoryHandle, MemoryTable, RegionDescriptor};
+use outboard_virtio::inflight::InflightSource;
 use outboard_virtio::state::{SavedState, MAX_STATE_SIZE};
 use outboard_virtio::{Framework, VirtioDevice};
 use vhost::vhost_user::message::{
-    FrontendReq, VhostUserConfig, VhostUserLog, VhostUserMemoryRegion, VhostUserSingleMemoryRegion,
-    VhostUserTransferDeviceState, VhostUserVringAddr, VhostUserVringAddrFlags, VhostUserVringState,
+    FrontendReq, VhostUserConfig, VhostUserInflight, VhostUserLog, VhostUserMemoryRegion,
+    VhostUserSingleMemoryRegion, VhostUserTransferDeviceState, VhostUserVringAddr,
+    VhostUserVringAddrFlags, VhostUserVringState,
 };
 use vhost::vhost_user::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vm_memory::ByteValued;
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::inflight::{InflightRegion, InflightShape};
 use crate::interrupt::VhostUserInterrupt;
+
+#[path = "handover.rs"]
+pub mod handover;
 use crate::wire::{self, Message, WireError};
 use crate::{RequestError, TransportError};
 
@@ -47,6 +53,7 @@ pub fn supported_protocol_features() -> VhostUserProtocolFeatures {
         | VhostUserProtocolFeatures::STATUS
         | VhostUserProtocolFeatures::LOG_SHMFD
         | VhostUserProtocolFeatures::DEVICE_STATE
+        | VhostUserProtocolFeatures::INFLIGHT_SHMFD
 }
 
 /// Virtio feature bits that belong to vhost-user, not to the device.
@@ -98,6 +105,9 @@ pub enum SessionEnd {
     Disconnected,
     /// Shutdown was requested.
     Shutdown,
+    /// The device was handed to a new process (live upgrade): the connection and everything
+    /// it set up belong to that process now, and this one must leave without touching them.
+    HandedOver,
 }
 
 /// What a handled message asks the loop to send back.
@@ -106,6 +116,8 @@ enum Outcome {
     Done,
     /// The message's own reply payload.
     Reply(Vec<u8>),
+    /// A reply payload with a file descriptor.
+    ReplyFd(Vec<u8>, std::fs::File),
 }
 
 /// A device served over vhost-user.
@@ -127,6 +139,11 @@ pub struct VhostUserBackend {
     /// QEMU 7.2/8.0 send after it (see the SET_STATUS handler). Indexed by queue; an entry is
     /// dropped once its ring is set up again.
     reset_bases: Vec<Option<u16>>,
+    /// The inflight region (GET_INFLIGHT_FD/SET_INFLIGHT_FD), where queues record what they
+    /// have taken and not answered.
+    inflight: Option<Arc<InflightRegion>>,
+    /// Where upgrade requests arrive (live upgrade, see `handover.rs`).
+    upgrade: Option<handover::UpgradePoint>,
 }
 
 impl VhostUserBackend {
@@ -146,6 +163,8 @@ impl VhostUserBackend {
             log: None,
             transfer: None,
             reset_bases: Vec::new(),
+            inflight: None,
+            upgrade: None,
         }
     }
 
@@ -154,15 +173,21 @@ impl VhostUserBackend {
         &self.framework
     }
 
-    /// Serves frontends that connect to `listener`, one at a time, until `shutdown` is readable.
+    /// Serves frontends that connect to `listener`, one at a time, until `shutdown` is readable
+    /// (or the device is handed to a new process).
     pub fn serve_listener(
         &mut self,
         listener: &UnixListener,
         shutdown: &EventFd,
-    ) -> Result<(), TransportError> {
+    ) -> Result<SessionEnd, TransportError> {
         loop {
-            if !wait_readable(listener.as_fd(), shutdown)? {
-                return Ok(());
+            match wait_readable(listener.as_fd(), shutdown, self.upgrade_fd())? {
+                Ready::Shutdown => return Ok(SessionEnd::Shutdown),
+                Ready::Upgrade if self.serve_upgrade(None, shutdown) => {
+                    return Ok(SessionEnd::HandedOver)
+                }
+                Ready::Upgrade => continue,
+                Ready::Socket => {}
             }
             let stream = match listener.accept() {
                 Ok((s, _)) => s,
@@ -170,8 +195,9 @@ impl VhostUserBackend {
                 Err(e) => return Err(TransportError::Accept(e)),
             };
             log::info!("frontend connected");
-            if self.serve_stream(stream, shutdown)? == SessionEnd::Shutdown {
-                return Ok(());
+            match self.serve_stream(stream, shutdown)? {
+                SessionEnd::Disconnected => {}
+                end => return Ok(end),
             }
             log::info!("frontend disconnected; listening again");
         }
@@ -185,7 +211,9 @@ impl VhostUserBackend {
         shutdown: &EventFd,
     ) -> Result<SessionEnd, TransportError> {
         let end = self.session_loop(&stream, shutdown);
-        self.end_session();
+        if !matches!(end, Ok(SessionEnd::HandedOver)) {
+            self.end_session();
+        }
         end
     }
 
@@ -195,8 +223,15 @@ impl VhostUserBackend {
         shutdown: &EventFd,
     ) -> Result<SessionEnd, TransportError> {
         loop {
-            if !wait_readable(stream.as_fd(), shutdown)? {
-                return Ok(SessionEnd::Shutdown);
+            match wait_readable(stream.as_fd(), shutdown, self.upgrade_fd())? {
+                Ready::Shutdown => return Ok(SessionEnd::Shutdown),
+                // At a message boundary: what the frontend sent since stays queued in the
+                // socket for the new process.
+                Ready::Upgrade if self.serve_upgrade(Some(stream), shutdown) => {
+                    return Ok(SessionEnd::HandedOver)
+                }
+                Ready::Upgrade => continue,
+                Ready::Socket => {}
             }
             let msg = match wire::recv_message_until(stream, Some(borrow_eventfd(shutdown))) {
                 Ok(m) => m,
@@ -225,6 +260,8 @@ impl VhostUserBackend {
         self.log = None;
         self.transfer = None;
         self.reset_bases.clear();
+        self.inflight = None;
+        self.framework.set_inflight(None);
     }
 
     /// Handles one message and sends what it calls for. Returns false to close the connection.
@@ -262,6 +299,19 @@ impl VhostUserBackend {
         };
         match result {
             Ok(Outcome::Reply(payload)) => send(&payload),
+            Ok(Outcome::ReplyFd(payload, file)) => match wire::send_reply_fds_until(
+                stream,
+                header.request,
+                &payload,
+                &[file.as_raw_fd()],
+                borrow_eventfd(shutdown),
+            ) {
+                Ok(()) => true,
+                Err(e) => {
+                    log::warn!("cannot reply to request {}: {e}", header.request);
+                    false
+                }
+            },
             Ok(Outcome::Done) if reply_ack => send(&0u64.to_ne_bytes()),
             Ok(Outcome::Done) => true,
             Err(e) => {
@@ -552,8 +602,57 @@ impl VhostUserBackend {
                 }
                 Ok(reply_u64(self.finish_transfer()))
             }
+            R::GET_INFLIGHT_FD => {
+                self.require(VhostUserProtocolFeatures::INFLIGHT_SHMFD, req)?;
+                expect_fds(0)?;
+                let asked = inflight_payload(&msg)?;
+                let shape = InflightShape::new(
+                    asked.num_queues,
+                    asked.queue_size,
+                    self.framework.num_queues(),
+                )?;
+                let region = InflightRegion::create(shape)?;
+                let file = region.file().try_clone().map_err(|source| {
+                    crate::inflight::InflightError::Io {
+                        what: "dup",
+                        source,
+                    }
+                })?;
+                let reply =
+                    VhostUserInflight::new(shape.size(), 0, shape.num_queues, shape.queue_size);
+                self.set_inflight(region);
+                Ok(Outcome::ReplyFd(reply.as_slice().to_vec(), file))
+            }
+            R::SET_INFLIGHT_FD => {
+                self.require(VhostUserProtocolFeatures::INFLIGHT_SHMFD, req)?;
+                expect_fds(1)?;
+                let given = inflight_payload(&msg)?;
+                let shape = InflightShape::new(
+                    given.num_queues,
+                    given.queue_size,
+                    self.framework.num_queues(),
+                )?;
+                let file = std::fs::File::from(msg.fds.remove(0));
+                let region = InflightRegion::open(file, given.mmap_offset, given.mmap_size, shape)?;
+                self.set_inflight(region);
+                Ok(Outcome::Done)
+            }
             other => Err(RequestError::Unsupported { request: other }),
         }
+    }
+
+    /// Makes `region` the record every queue started from now on keeps.
+    fn set_inflight(&mut self, region: InflightRegion) {
+        log::info!("inflight region: {:?}", region.shape());
+        let region = Arc::new(region);
+        self.framework
+            .set_inflight(Some(region.clone() as Arc<dyn InflightSource>));
+        self.inflight = Some(region);
+    }
+
+    /// The inflight region, if the frontend set one up.
+    pub fn inflight_region(&self) -> Option<&Arc<InflightRegion>> {
+        self.inflight.as_ref()
     }
 
     /// Ring `index` is being set up again: a position kept from a reset no longer applies.
@@ -881,6 +980,18 @@ fn single_region(msg: &Message) -> Result<RegionDescriptor, RequestError> {
     Ok(region_descriptor(&r))
 }
 
+/// The payload of GET_INFLIGHT_FD/SET_INFLIGHT_FD.
+fn inflight_payload(msg: &Message) -> Result<VhostUserInflight, RequestError> {
+    if msg.payload.len() != std::mem::size_of::<VhostUserInflight>() {
+        return Err(RequestError::PayloadSize {
+            got: msg.payload.len(),
+        });
+    }
+    msg.payload_as().ok_or(RequestError::PayloadSize {
+        got: msg.payload.len(),
+    })
+}
+
 fn reply_u64(v: u64) -> Outcome {
     Outcome::Reply(v.to_ne_bytes().to_vec())
 }
@@ -941,27 +1052,43 @@ fn borrow_eventfd(e: &EventFd) -> std::os::fd::BorrowedFd<'_> {
     unsafe { std::os::fd::BorrowedFd::borrow_raw(e.as_raw_fd()) }
 }
 
-/// Waits until `fd` is readable (true) or `shutdown` is (false).
+/// What [`wait_readable`] found.
+enum Ready {
+    /// The socket is readable.
+    Socket,
+    /// Shutdown was requested.
+    Shutdown,
+    /// A new process is at the upgrade socket.
+    Upgrade,
+}
+
+/// Waits until `fd`, `shutdown` or the upgrade socket is readable.
 fn wait_readable(
     fd: std::os::fd::BorrowedFd<'_>,
     shutdown: &EventFd,
-) -> Result<bool, TransportError> {
+    upgrade: Option<std::os::fd::BorrowedFd<'_>>,
+) -> Result<Ready, TransportError> {
     let shutdown_fd = borrow_eventfd(shutdown);
     loop {
-        let mut fds = [
+        let mut fds = vec![
             PollFd::new(fd, PollFlags::POLLIN),
             PollFd::new(shutdown_fd, PollFlags::POLLIN),
         ];
+        fds.extend(upgrade.map(|u| PollFd::new(u, PollFlags::POLLIN)));
         match poll(&mut fds, PollTimeout::NONE) {
             Ok(_) => {}
             Err(nix::Error::EINTR) => continue,
             Err(e) => return Err(TransportError::Poll(e.into())),
         }
-        if fds[1].revents().is_some_and(|r| !r.is_empty()) {
-            return Ok(false);
+        let ready = |f: &PollFd| f.revents().is_some_and(|r| !r.is_empty());
+        if ready(&fds[1]) {
+            return Ok(Ready::Shutdown);
         }
-        if fds[0].revents().is_some_and(|r| !r.is_empty()) {
-            return Ok(true);
+        if fds.get(2).is_some_and(ready) {
+            return Ok(Ready::Upgrade);
+        }
+        if ready(&fds[0]) {
+            return Ok(Ready::Socket);
         }
     }
 }

@@ -52,6 +52,27 @@ impl VhostUserInterrupt {
         *self.channel.lock().unwrap_or_else(|p| p.into_inner()) = sock;
     }
 
+    /// Duplicates of queue `index`'s call and error eventfds (live upgrade hands them on).
+    pub(crate) fn dup_queue_fds(
+        &self,
+        index: usize,
+    ) -> std::io::Result<(Option<EventFd>, Option<EventFd>)> {
+        let dup = |fds: &RwLock<Vec<Option<EventFd>>>| {
+            let fds = fds.read().unwrap_or_else(|p| p.into_inner());
+            fds.get(index)
+                .and_then(Option::as_ref)
+                .map(EventFd::try_clone)
+                .transpose()
+        };
+        Ok((dup(&self.calls)?, dup(&self.errs)?))
+    }
+
+    /// A duplicate of the backend channel, if one is set (live upgrade hands it on).
+    pub(crate) fn dup_channel(&self) -> std::io::Result<Option<UnixStream>> {
+        let channel = self.channel.lock().unwrap_or_else(|p| p.into_inner());
+        channel.as_ref().map(UnixStream::try_clone).transpose()
+    }
+
     /// Drops everything the frontend gave (at disconnect).
     pub fn clear(&self) {
         write(&self.calls).iter_mut().for_each(|s| *s = None);

@@ -14,9 +14,11 @@
 //! interrupt sink.
 
 mod backend;
+pub mod inflight;
 mod interrupt;
 pub mod wire;
 
+pub use backend::handover;
 pub use backend::{supported_protocol_features, BackendConfig, SessionEnd, VhostUserBackend};
 pub use interrupt::VhostUserInterrupt;
 
@@ -76,6 +78,9 @@ pub enum RequestError {
     /// A memory region was refused.
     #[error(transparent)]
     Memory(#[from] outboard_memory::MemoryError),
+    /// An inflight region was refused.
+    #[error(transparent)]
+    Inflight(#[from] crate::inflight::InflightError),
     /// SET_VRING_BASE beyond a split ring's index range.
     #[error("vring base {num} is out of range")]
     VringBase {

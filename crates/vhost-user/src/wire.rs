@@ -290,6 +290,23 @@ pub fn send_reply_until(
     send(sock, header, payload, &[], Some(cancel))
 }
 
+/// Sends a reply with file descriptors, failing with [`WireError::Cancelled`] once `cancel` is
+/// readable while the socket has no room for it.
+pub fn send_reply_fds_until(
+    sock: &UnixStream,
+    request: u32,
+    payload: &[u8],
+    fds: &[RawFd],
+    cancel: BorrowedFd<'_>,
+) -> Result<(), WireError> {
+    let header = Header {
+        request,
+        flags: VERSION | REPLY,
+        size: payload.len() as u32,
+    };
+    send(sock, header, payload, fds, Some(cancel))
+}
+
 /// Sends a message (a reply when `reply` is set) with optional file descriptors.
 pub fn send_message(
     sock: &UnixStream,

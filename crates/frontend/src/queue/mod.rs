@@ -358,6 +358,7 @@ impl DriverQueue {
             kick: dup(&self.kick, "dup kick eventfd")?,
             call: dup(&self.call, "dup call eventfd")?,
             avail_idx: self.ring.slice(self.layout.avail_idx(), 2),
+            used_idx: self.ring.slice(self.layout.used_idx(), 2),
         })
     }
 

@@ -177,6 +177,8 @@ pub struct VringSetup {
     pub call: EventFd,
     /// The avail ring's `idx` field, to read the driver's position when restarting a ring.
     pub(super) avail_idx: GuestBuf,
+    /// The used ring's `idx` field, where a ring restarts after its backend crashed.
+    pub(super) used_idx: GuestBuf,
 }
 
 impl VringSetup {
@@ -196,5 +198,11 @@ impl VringSetup {
     /// The avail index the driver has published (where a quiesced ring restarts).
     pub fn published_avail_idx(&self) -> u16 {
         self.avail_idx.load_u16(0, Ordering::Acquire)
+    }
+
+    /// The used index the device has published (where a ring restarts after a crash: the
+    /// backend finds what was in flight beyond it in its inflight region).
+    pub fn published_used_idx(&self) -> u16 {
+        u16::from_le(self.used_idx.load_u16(0, Ordering::Acquire))
     }
 }

@@ -3,7 +3,7 @@
 
 use libc::{
     AT_EMPTY_PATH, FIONBIO, F_ADD_SEALS, F_DUPFD_CLOEXEC, F_GETFD, F_GETFL, F_GET_SEALS,
-    F_SEAL_SHRINK, F_SETFD,
+    F_SEAL_GROW, F_SEAL_SEAL, F_SEAL_SHRINK, F_SETFD, MFD_ALLOW_SEALING, MFD_CLOEXEC,
 };
 
 use crate::policy::{arg, Layer, Roles};
@@ -16,6 +16,9 @@ pub struct ProgramOptions {
     /// files at exit: one per socket the program created (several for a program that serves
     /// several sockets, such as `vhost-user-net --switch`), none without.
     pub socket_reapers: Vec<u32>,
+    /// The program listens on an upgrade socket (`--upgrade-socket`, or one inherited by
+    /// `--upgrade-from`): its control thread may hand the device to a new process.
+    pub live_upgrade: bool,
 }
 
 /// The backend program conventions (`outboard-program`): the signal thread, the socket file.
@@ -26,6 +29,22 @@ pub fn program(options: ProgramOptions) -> Layer {
         syscall!(SYS_rt_sigtimedwait),
         "the signal thread waits for SIGTERM, SIGINT and SIGHUP (sigwait)",
     );
+    if options.live_upgrade {
+        // Live upgrade (outboard-vhost-user's handover.rs) runs on the control thread between
+        // two frontend messages. The rest of what it needs is already here: accept4 on a
+        // listening socket (the upgrade socket), poll, recvmsg/recvfrom and sendmsg with
+        // SCM_RIGHTS (every descriptor of the session goes to the new process in FDS frames),
+        // fcntl F_DUPFD_CLOEXEC (duplicates of what it sends).
+        l.allow(Roles::CONTROL, syscall!(SYS_getsockopt), "live upgrade: the credentials of a process at the upgrade socket (SO_PEERCRED), which must be this backend's user to take the device; no other option")
+            .when([arg(1).eq(libc::SOL_SOCKET as u64), arg(2).eq(libc::SO_PEERCRED as u64)]);
+        l.allow(
+            Roles::CONTROL,
+            syscall!(SYS_geteuid),
+            "live upgrade: this backend's user, compared with the new process's",
+        );
+        l.allow(Roles::CONTROL, syscall!(SYS_shutdown), "live upgrade: when the new process does not confirm in time, shutting the control connection down for reading decides atomically whether it took the device (its confirmation was queued) or not (its send fails); read side only")
+            .when([arg(1).eq(libc::SHUT_RD as u64)]);
+    }
     if !options.socket_reapers.is_empty() {
         let rule = l.allow(Roles::CONTROL, syscall!(SYS_wait4), "at exit, waiting for the helper processes that remove the socket files (only those processes)");
         for pid in options.socket_reapers {
@@ -113,5 +132,14 @@ pub fn vhost_user() -> Layer {
         "the size of a memory region's file before it is mapped (fstat of the fd: AT_EMPTY_PATH)",
     )
     .when([arg(2).all_of(AT_EMPTY_PATH as u64)]);
+    l.allow(control, syscall!(SYS_memfd_create), "the inflight region a frontend asks for (GET_INFLIGHT_FD): a sealable, close-on-exec memfd")
+        .when([arg(1).eq((MFD_CLOEXEC | MFD_ALLOW_SEALING) as u64)]);
+    l.allow(
+        control,
+        syscall!(SYS_ftruncate),
+        "sizing a new inflight region's memfd before it is sealed",
+    );
+    l.allow(control, syscall!(SYS_fcntl), "sealing a new inflight region's memfd against any resize before the frontend gets it (F_ADD_SEALS with SHRINK|GROW|SEAL only)")
+        .when([arg(1).eq(F_ADD_SEALS as u64), arg(2).eq((F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL) as u64)]);
     l
 }
