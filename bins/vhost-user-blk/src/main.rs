@@ -95,6 +95,9 @@ struct Args {
 
     #[command(flatten)]
     sandbox: program::SandboxArgs,
+
+    #[command(flatten)]
+    upgrade: program::upgrade::UpgradeArgs,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -206,10 +209,15 @@ fn blk_config(args: &Args) -> outboard_blk::BlkConfig {
 fn main() {
     program::handle_print_capabilities(&capabilities());
     let args: Args = program::parse_args(PROGRAM);
-    let source = program::socket_source(PROGRAM, args.socket_path.clone(), args.fd);
+    let source = program::upgrade::socket_source(
+        PROGRAM,
+        args.socket_path.clone(),
+        args.fd,
+        &args.upgrade,
+    );
     let config = blk_config(&args);
     program::init_logging();
-    if let Err(e) = run(config, source, &args.sandbox) {
+    if let Err(e) = run(config, source, &args) {
         log::error!("{e:#}");
         std::process::exit(program::EXIT_FAILURE);
     }
@@ -217,8 +225,8 @@ fn main() {
 
 fn run(
     config: outboard_blk::BlkConfig,
-    source: program::SocketSource,
-    sandbox_args: &program::SandboxArgs,
+    source: Option<program::SocketSource>,
+    args: &Args,
 ) -> anyhow::Result<()> {
     // Before any other thread exists, so that every thread inherits the blocked signals.
     let signals = program::block_termination_signals()?;
@@ -230,15 +238,16 @@ fn run(
         .engine_name()
         .and_then(sandbox::Engine::from_name)
         .ok_or_else(|| anyhow::anyhow!("unknown storage engine {:?}", device.engine_name()))?;
-    let mut socket = program::open_socket(source)?;
     let mut backend = VhostUserBackend::new(Box::new(device), transport);
-    let shutdown = program::enter_sandbox(
-        sandbox_args,
+    // With --upgrade-from: the running backend's sockets and session, received (and checked)
+    // before the sandbox is entered, applied after.
+    let mut sockets = program::upgrade::open_sockets(&backend, source, &args.upgrade)?;
+    let shutdown = sockets.enter_sandbox(
+        &args.sandbox,
         program::DeviceSandbox::new(sandbox::blk_layer(engine)),
         signals,
-        std::slice::from_mut(&mut socket),
     )?;
-    program::serve(&mut backend, &socket, &shutdown)
+    sockets.serve(&mut backend, &shutdown)
 }
 
 #[cfg(test)]

@@ -86,12 +86,30 @@ impl SocketReaper {
     pub fn pid(&self) -> u32 {
         self.pid as u32
     }
+
+    /// The pipe the helper waits on. A process that holds a duplicate keeps the socket file in
+    /// place: live upgrade hands one to the process that takes the socket over.
+    pub fn pipe(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        use std::os::fd::AsFd;
+        self.pipe.as_ref().map(AsFd::as_fd)
+    }
+
+    /// Lets go of the helper without waiting for it: after a live upgrade another process holds
+    /// the pipe and the file stays until that process ends. The helper, orphaned when this
+    /// process exits, is reaped by init.
+    pub fn disown(mut self) {
+        drop(self.pipe.take());
+        self.pid = 0;
+    }
 }
 
 impl Drop for SocketReaper {
     fn drop(&mut self) {
         // End of file on the pipe: the helper removes the socket and exits.
         drop(self.pipe.take());
+        if self.pid == 0 {
+            return;
+        }
         loop {
             // SAFETY: waitpid on our own child, with no status pointer.
             let ret = unsafe { libc::waitpid(self.pid, std::ptr::null_mut(), 0) };

@@ -190,6 +190,7 @@ fn the_control_thread_may_wait_for_the_socket_reapers_only() {
     let with = layers::vhost_user_backend(
         ProgramOptions {
             socket_reapers: vec![4242, 4243],
+            ..ProgramOptions::default()
         },
         device(),
     )
@@ -340,4 +341,43 @@ fn the_kernel_accepts_the_filters_and_a_refusal_returns_its_errno() {
     .join()
     .map(|v| assert_eq!(v, 7))
     .expect("the confined threads ran to the end");
+}
+
+#[test]
+fn live_upgrade_adds_peer_credentials_and_a_read_shutdown_to_the_control_thread_only() {
+    let with = layers::vhost_user_backend(
+        ProgramOptions {
+            live_upgrade: true,
+            ..ProgramOptions::default()
+        },
+        device(),
+    )
+    .unwrap();
+    let control = with.role(Role::Control).unwrap();
+    let getsockopt = syscall!(SYS_getsockopt).nr();
+    let shutdown = syscall!(SYS_shutdown).nr();
+    assert_eq!(
+        control.get(getsockopt).unwrap().when.as_deref(),
+        Some(
+            &[vec![
+                arg(1).eq(libc::SOL_SOCKET as u64),
+                arg(2).eq(libc::SO_PEERCRED as u64)
+            ]][..]
+        )
+    );
+    assert_eq!(
+        control.get(shutdown).unwrap().when.as_deref(),
+        Some(&[vec![arg(1).eq(libc::SHUT_RD as u64)]][..])
+    );
+    for role in [Role::Worker, Role::Signals] {
+        assert!(with.role(role).unwrap().get(getsockopt).is_none());
+        assert!(with.role(role).unwrap().get(shutdown).is_none());
+    }
+    let without = backend();
+    assert!(without.role(Role::Control).unwrap().get(shutdown).is_none());
+    assert!(without
+        .role(Role::Control)
+        .unwrap()
+        .get(getsockopt)
+        .is_none());
 }
