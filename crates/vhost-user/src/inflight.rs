@@ -184,7 +184,7 @@ impl InflightRegion {
                 want: shape.size(),
             });
         }
-        if offset % 4096 != 0 {
+        if !offset.is_multiple_of(4096) {
             return Err(InflightError::Offset(offset));
         }
         let len = file

@@ -655,6 +655,11 @@ impl Framework {
         if queues.is_empty() {
             return;
         }
+        let recovered: Vec<u16> = queues
+            .iter()
+            .filter(|q| q.recovered())
+            .map(ActiveQueue::index)
+            .collect();
         let activation = Activation {
             features: acked,
             memory,
@@ -662,7 +667,15 @@ impl Framework {
             interrupt: self.interrupt.clone(),
         };
         match self.device.activate(activation) {
-            Ok(()) => self.running = true,
+            Ok(()) => {
+                self.running = true;
+                // A process that died between publishing used entries and signalling them
+                // left the driver waiting: one interrupt per recovered queue (a spurious one
+                // is harmless).
+                for index in recovered {
+                    self.interrupt.signal_queue(index);
+                }
+            }
             Err(e) => {
                 log::error!("device activation failed: {e}");
                 self.interrupt.signal_needs_reset();

@@ -85,6 +85,9 @@ pub struct ActiveQueue {
     inflight: Option<Box<dyn InflightLog>>,
     /// Heads an earlier process took and never answered, to be taken first.
     resubmit: VecDeque<u16>,
+    /// The queue started over a record an earlier process left: the driver may have missed
+    /// the interrupt for used entries that process published just before it died.
+    recovered: bool,
     /// Where the latest chains came from, newest last, for [`ActiveQueue::put_back`] (at
     /// most a ring's worth).
     recent: VecDeque<Taken>,
@@ -106,6 +109,7 @@ impl ActiveQueue {
             kick,
             inflight: None,
             resubmit: VecDeque::new(),
+            recovered: false,
             recent: VecDeque::new(),
         }
     }
@@ -144,8 +148,15 @@ impl ActiveQueue {
             kick,
             inflight: Some(log),
             resubmit: recovery.resubmit.into(),
+            recovered: recovery.next_avail.is_some(),
             recent: VecDeque::new(),
         })
+    }
+
+    /// Whether the queue took over from an earlier process's inflight record (its driver is
+    /// owed an interrupt: the process may have died between publishing and signalling).
+    pub fn recovered(&self) -> bool {
+        self.recovered
     }
 
     /// The queue's index in the device.
