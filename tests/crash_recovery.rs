@@ -177,3 +177,54 @@ fn bad_inflight_messages_are_refused_and_the_backend_keeps_serving() {
         outboard_frontend::BlkStatus::Ok
     );
 }
+
+/// The runner's `upgrade` mode: a hundred live upgrades under the verifying workload, on the
+/// connection the runner opened first.
+#[test]
+fn the_runner_proves_a_hundred_live_upgrades_lose_nothing_and_never_disconnect() {
+    let dir = TempDir::new("runner-upgrade");
+    let disk = dir.path("disk.img");
+    std::fs::File::create(&disk)
+        .unwrap()
+        .set_len(4 << 20)
+        .unwrap();
+    let blk = binary("vhost-user-blk");
+    let device = format!("--blk-file {} --num-queues 2", disk.display());
+    let json = dir.path("report.json");
+    let out = Command::new(binary("outboard-migrate"))
+        .arg("upgrade")
+        .arg("--backend")
+        .arg(format!(
+            "{} --socket-path {{sock}} --upgrade-socket {{upgrade}} {device}",
+            blk.display()
+        ))
+        .arg("--dest-backend")
+        .arg(format!(
+            "{} --upgrade-from {{upgrade}} {device}",
+            blk.display()
+        ))
+        .args(["--count", "100", "--queues", "2"])
+        .arg("--json")
+        .arg(&json)
+        .arg("--workdir")
+        .arg(dir.path("work"))
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("start outboard-migrate");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "outboard-migrate upgrade failed ({}):\n{text}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    println!("{text}");
+    let report: Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    assert_eq!(report["verdict"], "pass", "{text}");
+    assert_eq!(report["upgrade"]["upgrades"], 100);
+    assert_eq!(report["upgrade"]["disconnects"], 0);
+    let r = &report["requests"];
+    assert_eq!(r["submitted"], r["completed"]);
+    assert!(r["writes"].as_u64().unwrap() > 1000, "{r}");
+    assert_eq!(report["readback"]["mismatches"], 0);
+}

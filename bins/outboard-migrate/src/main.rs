@@ -32,6 +32,7 @@ mod crash;
 mod hop;
 mod net;
 mod report;
+mod upgrade;
 mod workload;
 
 use std::path::{Path, PathBuf};
@@ -134,6 +135,13 @@ enum Mode {
         /// Every N-th restart carries a fault point (0: never).
         #[arg(long, default_value_t = 4)]
         fault_every: u32,
+    },
+    /// Replace the backend COUNT times under load through its live upgrade (`{upgrade}` in
+    /// --backend and --dest-backend is the upgrade socket): no disconnect, nothing lost.
+    Upgrade {
+        /// Number of upgrades.
+        #[arg(long, default_value_t = 100)]
+        count: u32,
     },
     /// Tampered states and mismatched destinations must be refused.
     Refusals {
@@ -583,6 +591,14 @@ fn main() {
         (Mode::Crash { count, fault_every }, DeviceKind::Blk) => {
             report.mode = "crash".into();
             crash::run_crash(&cli, &dir, *count, *fault_every, &mut report)
+        }
+        (Mode::Upgrade { count }, DeviceKind::Blk) => {
+            report.mode = "upgrade".into();
+            upgrade::run_upgrade(&cli, &dir, *count, &mut report)
+        }
+        (Mode::Upgrade { .. }, DeviceKind::Net) => {
+            report.mode = "upgrade (net)".into();
+            Err(anyhow::anyhow!("the upgrade mode drives blk backends"))
         }
         (Mode::Crash { .. }, DeviceKind::Net) => {
             report.mode = "crash (net)".into();
