@@ -91,6 +91,11 @@ struct Args {
     #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..=65536))]
     switch_queue: u32,
 
+    /// Busy-poll each queue pair for this many microseconds after the last packet before
+    /// sleeping (an idle poller yields its CPU to other threads between rounds).
+    #[arg(long, default_value_t = 0, value_name = "US")]
+    poll_us: u64,
+
     #[command(flatten)]
     sandbox: program::SandboxArgs,
 }
@@ -192,6 +197,7 @@ fn plan(args: Args) -> Plan {
         queue_pairs: pairs,
         queue_size: args.queue_size,
         mtu: args.mtu,
+        poll: std::time::Duration::from_micros(args.poll_us),
         ..NetConfig::default()
     };
     Plan {

@@ -57,6 +57,20 @@ impl ChainBuffers {
     /// Walks `chain`, checking its structure and that each buffer is in `mem`.
     pub fn walk<C: DescriptorWalk>(chain: C, mem: &GuestMemoryMmap) -> Result<Self, ChainError> {
         let mut out = ChainBuffers::default();
+        out.walk_into(chain, mem)?;
+        Ok(out)
+    }
+
+    /// [`ChainBuffers::walk`] into `self`, reusing its allocations (the workers walk a chain
+    /// per packet). On error `self` holds part of the chain.
+    pub fn walk_into<C: DescriptorWalk>(
+        &mut self,
+        chain: C,
+        mem: &GuestMemoryMmap,
+    ) -> Result<(), ChainError> {
+        self.readable.clear();
+        self.writable.clear();
+        let out = self;
         let mut last_has_next = false;
         let mut count = 0usize;
         for desc in chain {
@@ -91,7 +105,7 @@ impl ChainBuffers {
         if last_has_next || count == 0 {
             return Err(ChainError::Broken);
         }
-        Ok(out)
+        Ok(())
     }
 
     /// The total length of the readable buffers.

@@ -21,13 +21,13 @@ use virtio_queue::QueueT;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::backend::PacketQueue;
+use crate::backend::{PacketQueue, MAX_SPARES, SEND_BATCH};
 use crate::chain::{read_all, ChainBuffers};
 use crate::config::{Negotiated, Offloads, ETH_HLEN, MAX_GSO_PAYLOAD, VLAN_HLEN};
 use crate::filter::RxFilter;
 use crate::hdr::{GsoKind, NetHdr, VirtioNetHdr, HDR_LEN};
 use crate::offload::{complete_checksum, segment};
-use crate::rx::{place, Placement};
+use crate::rx::{place, PlaceScratch, Placement};
 use crate::shared::Shared;
 use crate::stats::{add, inc};
 
@@ -37,7 +37,7 @@ pub(crate) type QueueSlot = Arc<Mutex<Option<Box<dyn PacketQueue>>>>;
 /// Packets delivered per call before the worker looks at its other events again.
 const RX_BATCH: usize = 256;
 /// Transmitted packets handed to the backend at once.
-const TX_BATCH: usize = 64;
+const TX_BATCH: usize = SEND_BATCH;
 /// Transmit chains taken per turn. A driver that transmits as fast as the worker takes would
 /// otherwise keep it in the transmit queue for good, and the pair would receive nothing: past
 /// the budget the worker receives a batch first and then comes back for the rest.
@@ -114,6 +114,11 @@ pub(crate) struct PairHandler {
     /// The heads of the transmit chains taken since the last completion, answered once their
     /// frames went to the backend.
     tx_heads: Vec<u16>,
+    /// Empty buffers for the next transmitted packets (from [`PacketQueue::reclaim`]).
+    tx_spares: Vec<Vec<u8>>,
+    /// The buffers of the transmit chain being read.
+    tx_walk: ChainBuffers,
+    rx_scratch: PlaceScratch,
 }
 
 /// The epoll set of a pair handler, with `wake` in it.
@@ -159,6 +164,9 @@ impl PairHandler {
             segments: Vec::new(),
             tx_batch: Vec::new(),
             tx_heads: Vec::new(),
+            tx_spares: Vec::new(),
+            tx_walk: ChainBuffers::default(),
+            rx_scratch: PlaceScratch::default(),
         }
     }
 
@@ -359,11 +367,23 @@ impl PairHandler {
                 continue;
             }
             let frame_len = (packet.len() - HDR_LEN) as u64;
-            match place(rx, mem, packet, self.negotiated.mrg_rxbuf) {
+            match place(
+                rx,
+                mem,
+                packet,
+                self.negotiated.mrg_rxbuf,
+                &mut self.rx_scratch,
+            ) {
                 Ok(Placement::Placed(_)) => {
                     inc(&stats.rx_packets);
                     add(&stats.rx_bytes, frame_len);
-                    self.pending.pop_front();
+                    // The buffer carries the next packet from the backend (which may hand it
+                    // on to a sender).
+                    if let Some(spent) = self.pending.pop_front() {
+                        if self.incoming.capacity() == 0 {
+                            self.incoming = spent;
+                        }
+                    }
                     used += 1;
                 }
                 Ok(Placement::NoBuffers) => match rx.queue_mut().enable_notification(mem) {
@@ -410,17 +430,15 @@ impl PairHandler {
     /// Reads one transmit chain into a packet for the backend, or drops it (counted).
     fn read_packet(&mut self, chain: Chain<'_>, mem: &GuestMemoryMmap) -> Option<Vec<u8>> {
         let stats = &self.shared.stats;
-        let buffers = match ChainBuffers::walk(chain, mem) {
-            Ok(b) => b,
-            Err(e) => {
-                log::debug!(
-                    "virtio-net: pair {}: transmit chain refused: {e}",
-                    self.pair
-                );
-                inc(&stats.tx_malformed);
-                return None;
-            }
-        };
+        let buffers = &mut self.tx_walk;
+        if let Err(e) = buffers.walk_into(chain, mem) {
+            log::debug!(
+                "virtio-net: pair {}: transmit chain refused: {e}",
+                self.pair
+            );
+            inc(&stats.tx_malformed);
+            return None;
+        }
         let len = buffers.readable_len();
         if len > (HDR_LEN + MAX_GSO_FRAME) as u64 {
             inc(&stats.tx_oversize);
@@ -430,13 +448,14 @@ impl PairHandler {
             inc(&stats.tx_malformed);
             return None;
         }
-        let mut packet = Vec::with_capacity(len as usize);
+        let mut packet = self.tx_spares.pop().unwrap_or_default();
         if let Err(e) = read_all(mem, &buffers.readable, &mut packet) {
             log::error!(
                 "virtio-net: pair {}: cannot read a transmit chain: {e}",
                 self.pair
             );
             inc(&stats.tx_malformed);
+            self.tx_spares.push(packet);
             return None;
         }
         let mut raw = [0u8; HDR_LEN];
@@ -455,11 +474,13 @@ impl PairHandler {
                     self.pair
                 );
                 inc(&stats.tx_malformed);
+                self.tx_spares.push(packet);
                 return None;
             }
         };
         if hdr.gso.is_none() && frame_len > self.max_frame {
             inc(&stats.tx_oversize);
+            self.tx_spares.push(packet);
             return None;
         }
         packet[..HDR_LEN].copy_from_slice(&hdr.to_wire(0).to_bytes());
@@ -495,6 +516,13 @@ impl PairHandler {
         let dropped = self.backend().send(&mut batch);
         self.tx_batch = batch;
         add(&self.shared.stats.tx_backend_dropped, dropped as u64);
+        if self.tx_spares.len() < MAX_SPARES {
+            let queue = self
+                .queue
+                .as_deref_mut()
+                .expect("the backend queue is present while the worker runs");
+            queue.reclaim(&mut self.tx_spares);
+        }
     }
 
     /// Takes up to [`TX_BUDGET`] transmit chains. With more left, the driver's notifications stay

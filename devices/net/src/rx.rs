@@ -27,10 +27,19 @@ pub(crate) enum Placement {
     BadBuffers(u16),
 }
 
+#[derive(Debug, Default)]
 struct Taken {
     head: u16,
     buffers: ChainBuffers,
     capacity: usize,
+}
+
+/// What [`place`] keeps between packets so as not to allocate for each.
+#[derive(Debug, Default)]
+pub(crate) struct PlaceScratch {
+    /// The chains taken for the packet being placed are the first ones; the rest keep their
+    /// allocations for later packets.
+    taken: Vec<Taken>,
 }
 
 /// Places `packet` (virtio header, then frame; the header's `num_buffers` is set here) into
@@ -40,64 +49,68 @@ pub(crate) fn place(
     mem: &GuestMemoryMmap,
     packet: &mut [u8],
     mrg_rxbuf: bool,
+    scratch: &mut PlaceScratch,
 ) -> Result<Placement, virtio_queue::Error> {
     let need = packet.len();
-    let mut taken: Vec<Taken> = Vec::new();
+    let all = &mut scratch.taken;
+    let mut n = 0usize;
     let mut capacity = 0usize;
     while capacity < need {
-        if !mrg_rxbuf && !taken.is_empty() {
+        if !mrg_rxbuf && n > 0 {
             // One chain must hold the packet: put it back, and leave the buffer to a smaller
             // packet.
             rx.put_back();
             return Ok(Placement::TooBig);
         }
         let Some(chain) = rx.pop(mem)? else {
-            for _ in 0..taken.len() {
+            for _ in 0..n {
                 rx.put_back();
             }
             return Ok(Placement::NoBuffers);
         };
         let head = chain.head_index();
-        let usable = ChainBuffers::walk(chain, mem)
-            .ok()
-            .filter(|b| b.readable.is_empty())
-            .filter(|b| !taken.is_empty() || b.writable_len() >= HDR_LEN as u64);
-        let Some(buffers) = usable else {
+        if n == all.len() {
+            all.push(Taken::default());
+        }
+        let t = &mut all[n];
+        let usable = t.buffers.walk_into(chain, mem).is_ok()
+            && t.buffers.readable.is_empty()
+            && (n > 0 || t.buffers.writable_len() >= HDR_LEN as u64);
+        if !usable {
             // Give back everything taken for this packet, empty, and drop the packet: the
             // driver broke the ring's contract.
             let mut returned = 0u16;
-            for t in taken.iter().map(|t| t.head).chain(std::iter::once(head)) {
+            for t in all[..n].iter().map(|t| t.head).chain(std::iter::once(head)) {
                 rx.add_used(mem, t, 0)?;
                 returned += 1;
             }
             return Ok(Placement::BadBuffers(returned));
-        };
-        let cap = usize::try_from(buffers.writable_len()).unwrap_or(usize::MAX);
+        }
+        let cap = usize::try_from(t.buffers.writable_len()).unwrap_or(usize::MAX);
         capacity = capacity.saturating_add(cap);
-        taken.push(Taken {
-            head,
-            buffers,
-            capacity: cap,
-        });
-        if taken.len() > usize::from(rx.queue().size()) {
+        t.head = head;
+        t.capacity = cap;
+        n += 1;
+        if n > usize::from(rx.queue().size()) {
             // Cannot happen with a ring of this size; keep `num_buffers` honest regardless.
             break;
         }
     }
     if capacity < need {
-        for _ in 0..taken.len() {
+        for _ in 0..n {
             rx.put_back();
         }
         return Ok(Placement::TooBig);
     }
-    let count = taken.len() as u16;
+    let taken = &all[..n];
+    let count = n as u16;
     let mut hdr_bytes = [0u8; HDR_LEN];
     hdr_bytes.copy_from_slice(&packet[..HDR_LEN]);
     let mut hdr = VirtioNetHdr::from_bytes(&hdr_bytes);
     hdr.num_buffers = count;
     packet[..HDR_LEN].copy_from_slice(&hdr.to_bytes());
     let mut rest: &[u8] = packet;
-    for t in &taken {
+    for t in taken {
         let n = rest.len().min(t.capacity);
         let written = match write_across(mem, &t.buffers.writable, &rest[..n]) {
             Ok(w) => w,
@@ -132,7 +145,7 @@ mod tests {
         let mut q = d.queue(0);
         let mut p = packet(100);
         assert_eq!(
-            place(&mut q, &mem, &mut p, false).unwrap(),
+            place(&mut q, &mem, &mut p, false, &mut PlaceScratch::default()).unwrap(),
             Placement::Placed(1)
         );
         let used = d.used(0);
@@ -150,7 +163,7 @@ mod tests {
         let mut q = d.queue(0);
         let mut p = packet(1200);
         assert_eq!(
-            place(&mut q, &mem, &mut p, true).unwrap(),
+            place(&mut q, &mem, &mut p, true, &mut PlaceScratch::default()).unwrap(),
             Placement::Placed(3)
         );
         let used = d.used(0);
@@ -176,19 +189,26 @@ mod tests {
         let mut q = d.queue(0);
         let mut p = packet(1500);
         assert_eq!(
-            place(&mut q, &mem, &mut p, true).unwrap(),
+            place(&mut q, &mem, &mut p, true, &mut PlaceScratch::default()).unwrap(),
             Placement::NoBuffers
         );
         assert_eq!(q.queue().next_avail(), 0, "both chains were put back");
         assert!(d.used(0).is_empty());
         assert_eq!(
-            place(&mut q, &mem, &mut p, false).unwrap(),
+            place(&mut q, &mem, &mut p, false, &mut PlaceScratch::default()).unwrap(),
             Placement::TooBig
         );
         assert_eq!(q.queue().next_avail(), 0);
         let mut small = packet(60);
         assert_eq!(
-            place(&mut q, &mem, &mut small, false).unwrap(),
+            place(
+                &mut q,
+                &mem,
+                &mut small,
+                false,
+                &mut PlaceScratch::default()
+            )
+            .unwrap(),
             Placement::Placed(1)
         );
     }
@@ -201,7 +221,7 @@ mod tests {
         let mut q = d.queue(0);
         let mut p = packet(60);
         assert_eq!(
-            place(&mut q, &mem, &mut p, true).unwrap(),
+            place(&mut q, &mem, &mut p, true, &mut PlaceScratch::default()).unwrap(),
             Placement::BadBuffers(1)
         );
         assert_eq!(d.used(0), [(0, 0)]);

@@ -259,6 +259,47 @@ fn a_full_transmit_ring_is_taken_in_turns_and_nothing_stalls() {
 }
 
 #[test]
+fn a_sender_with_nowhere_to_go_leaves_its_frames_in_the_ring_until_there_is_room() {
+    // B posts no receive buffers at first: once its switch queue has no room for a batch,
+    // A stops taking chains (no frame is copied only to be dropped), and goes on when B
+    // makes room.
+    let small = SwitchConfig {
+        queue_capacity: 64,
+        ..SwitchConfig::default()
+    };
+    let switch = Switch::new(2, 1, small).unwrap();
+    let (mem_a, mem_b) = (memory(), memory());
+    let mut a = MockDriver::new(&mem_a, 3);
+    let mut b = MockDriver::new(&mem_b, 3);
+    let net_a = start(&switch, 0, config(MAC_A, 1), &a, |f| f, &[0, 1, 2]);
+    let net_b = start(&switch, 1, config(MAC_B, 1), &b, |f| f, &[0, 1, 2]);
+    let n = 100;
+    let frames: Vec<_> = (0..n)
+        .map(|i| frame(MAC_B, MAC_A, 60 + i % 64, i as u8))
+        .collect();
+    for f in &frames {
+        a.tx_packet(1, &with_hdr(f));
+    }
+    a.kick(1);
+    // Two turns of TX_BUDGET (32) fill B's queue past the headroom of a batch.
+    let first = a.wait_used(1, 64).len();
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(first + a.used(1).len(), 64, "the rest stays in A's ring");
+    assert_eq!(switch.port_stats(1).dropped_full, 0);
+    let bufs: Vec<_> = (0..n).map(|_| b.rx_buffer(0, 2048)).collect();
+    b.kick(0);
+    let got = receive(&mut b, 0, &bufs, n);
+    for (i, (g, f)) in got.iter().zip(&frames).enumerate() {
+        assert_eq!(&g[HDR_LEN..], &f[..], "frame {i}: in order, none lost");
+    }
+    a.wait_used(1, n - 64);
+    assert_eq!(net_a.stats().tx_packets, n as u64);
+    assert_eq!(net_a.stats().tx_backend_dropped, 0);
+    assert_eq!(net_b.stats().rx_packets, n as u64);
+    assert_eq!(switch.port_stats(1).dropped_full, 0);
+}
+
+#[test]
 fn a_polling_worker_takes_frames_that_were_never_kicked() {
     // A polls (`NetConfig::poll`), B does not: after one kicked frame each, a second frame
     // without a kick leaves A's ring and stays in B's.
@@ -573,19 +614,30 @@ fn pairs_beyond_vq_pairs_set_receive_nothing() {
         f.extend([0, 53, 0, 8, 0, 0]);
         f
     };
-    let used_per_queue = |b: &mut MockDriver| -> Vec<usize> {
-        [0, 2, 4, 6].iter().map(|&q| b.used(q).len()).collect()
+    // The used entries of each receive queue until `n` arrived in all (and a little longer,
+    // to catch any extra).
+    let used_per_queue = |b: &mut MockDriver, n: usize| -> Vec<usize> {
+        let mut counts = vec![0; 4];
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while counts.iter().sum::<usize>() < n {
+            assert!(Instant::now() < deadline, "{counts:?}: fewer than {n}");
+            std::thread::sleep(Duration::from_millis(1));
+            for (c, q) in counts.iter_mut().zip([0, 2, 4, 6]) {
+                *c += b.used(q).len();
+            }
+        }
+        std::thread::sleep(Duration::from_millis(20));
+        for (c, q) in counts.iter_mut().zip([0, 2, 4, 6]) {
+            *c += b.used(q).len();
+        }
+        counts
     };
     // MQ negotiated: one pair until the driver sets more.
     transmit(&mut a, 1, &(0..32).map(udp).collect::<Vec<_>>());
-    eventually("delivery", || switch.port_stats(1).delivered == 32);
-    std::thread::sleep(Duration::from_millis(20));
-    assert_eq!(used_per_queue(&mut b), [32, 0, 0, 0]);
+    assert_eq!(used_per_queue(&mut b, 32), [32, 0, 0, 0]);
     assert_eq!(command(&mut b, 8, &[4, 0, 3, 0]), OK);
     transmit(&mut a, 1, &(100..164).map(udp).collect::<Vec<_>>());
-    eventually("delivery", || switch.port_stats(1).delivered == 96);
-    std::thread::sleep(Duration::from_millis(20));
-    let counts = used_per_queue(&mut b);
+    let counts = used_per_queue(&mut b, 64);
     assert_eq!(counts.iter().sum::<usize>(), 64);
     assert_eq!(counts[3], 0, "{counts:?}");
     assert!(counts[1] > 0 && counts[2] > 0, "{counts:?}");

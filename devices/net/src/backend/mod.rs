@@ -45,6 +45,13 @@ pub enum BackendError {
     },
 }
 
+/// The most packets a device hands to [`PacketQueue::send`] at once. A queue that is not
+/// [`PacketQueue::congested`] has room for that many.
+pub const SEND_BATCH: usize = 64;
+
+/// Buffers a device keeps for reuse ([`PacketQueue::reclaim`]).
+pub const MAX_SPARES: usize = 2 * SEND_BATCH;
+
 /// The packet I/O of one queue pair.
 pub trait PacketQueue: Send + Debug {
     /// A file descriptor that is readable (level-triggered) while [`PacketQueue::recv`] may
@@ -52,12 +59,18 @@ pub trait PacketQueue: Send + Debug {
     fn ready_fd(&self) -> RawFd;
 
     /// Takes the next received packet (header, then frame) into `packet`, replacing its
-    /// contents. Returns false when none is waiting.
+    /// contents (the backend may keep `packet`'s old buffer for reuse and put another one in
+    /// its place). Returns false when none is waiting.
     fn recv(&mut self, packet: &mut Vec<u8>) -> Result<bool, BackendError>;
 
-    /// Sends every packet of `batch` (header, then frame), emptying it. Returns how many the
-    /// backend dropped.
+    /// Sends every packet of `batch` (header, then frame; at most [`SEND_BATCH`]), emptying it.
+    /// Returns how many the backend dropped.
     fn send(&mut self, batch: &mut Vec<Vec<u8>>) -> usize;
+
+    /// Moves empty buffers (length 0, their capacity kept) that the queue no longer needs into
+    /// `spares`, until it holds [`MAX_SPARES`]: the device fills them with the next packets it
+    /// sends instead of allocating (a sent packet's buffer comes back from where it went).
+    fn reclaim(&mut self, spares: &mut Vec<Vec<u8>>);
 
     /// Whether a packet sent now would certainly be dropped (every place it could go is full).
     /// A queue that says so writes the eventfd given to [`PacketQueue::set_space_waker`] once

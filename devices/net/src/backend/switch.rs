@@ -15,16 +15,28 @@
 //! takes its frames holds the other port's transmissions until it does or goes down (they could
 //! not be delivered anyway). The learning table is bounded too; a full table learns nothing new
 //! until entries age out.
+//!
+//! The learning table is keyed by guest-chosen MAC addresses, so its hash must not let a guest
+//! pick addresses that collide (which would turn every lookup of every port into a scan). It
+//! is two folded 64×64→128-bit multiplies keyed with random 64-bit values per switch: as cheap
+//! as FxHash (SipHash, std's default, was ~6 % of the switch's cycles), and a guest that does
+//! not know the key cannot aim for collisions. The table's size bound caps the damage anyway.
+//!
+//! Packet buffers circulate: a receiving port's spent buffers go back to the ports that send
+//! to it (taken under the ingress lock the sender holds anyway), so the steady state
+//! allocates nothing per frame.
 
+use std::collections::hash_map::RandomState;
 use std::collections::{HashMap, VecDeque};
+use std::hash::{BuildHasher, Hasher};
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use super::{BackendError, PacketBackend, PacketQueue};
+use super::{BackendError, PacketBackend, PacketQueue, MAX_SPARES, SEND_BATCH};
 use crate::config::{MacAddress, Offloads, ETH_HLEN, MAX_QUEUE_PAIRS};
 use crate::hdr::HDR_LEN;
 
@@ -70,12 +82,19 @@ struct PortCounters {
     dropped_invalid: AtomicU64,
 }
 
+#[derive(Debug, Default)]
+struct IngressQueue {
+    packets: VecDeque<Vec<u8>>,
+    /// Buffers the receiver is done with, for senders to fill again.
+    spares: Vec<Vec<u8>>,
+}
+
 #[derive(Debug)]
 struct Ingress {
-    packets: Mutex<VecDeque<Vec<u8>>>,
-    /// `packets.len()`, kept under the lock, for senders to read without it.
+    queue: Mutex<IngressQueue>,
+    /// `queue.packets.len()`, kept under the lock, for senders to read without it.
     len: AtomicUsize,
-    /// Readable while `packets` is not empty.
+    /// Readable while `queue.packets` is not empty (written and read under the lock).
     ready: EventFd,
 }
 
@@ -108,8 +127,81 @@ struct SwitchInner {
     ports: Vec<Port>,
     /// How many senders are blocked (so that receivers look for them only then).
     blocked: AtomicUsize,
-    table: Mutex<HashMap<MacAddress, Learned>>,
+    table: Mutex<HashMap<u64, Learned, MacHashKey>>,
     config: SwitchConfig,
+    /// Room a queue must have for its port to count as a place to send to: a whole batch.
+    headroom: usize,
+}
+
+/// The learning table's hash (see the module documentation): folded multiplies, keyed per
+/// switch.
+#[derive(Clone, Copy, Debug)]
+struct MacHashKey {
+    k0: u64,
+    k1: u64,
+    k2: u64,
+}
+
+impl MacHashKey {
+    fn random() -> Self {
+        // std's RandomState is seeded from the OS's randomness; two of its hashes make the key.
+        let seed = RandomState::new();
+        MacHashKey {
+            k0: seed.hash_one(0x6d61_6373_7769_7463u64),
+            k1: seed.hash_one(0x6b65_7931_0000_0001u64) | 1,
+            k2: seed.hash_one(0x6b65_7932_0000_0002u64) | 1,
+        }
+    }
+}
+
+/// The 128-bit product of `a` and `b`, its halves XORed: every input bit reaches both halves.
+fn folded_multiply(a: u64, b: u64) -> u64 {
+    let p = u128::from(a) * u128::from(b);
+    (p as u64) ^ ((p >> 64) as u64)
+}
+
+impl BuildHasher for MacHashKey {
+    type Hasher = MacHasher;
+
+    fn build_hasher(&self) -> MacHasher {
+        MacHasher {
+            key: *self,
+            state: self.k0,
+        }
+    }
+}
+
+/// See [`MacHashKey`]. The table's keys are `u64`s ([`mac_key`]): two multiplies per lookup.
+#[derive(Debug)]
+struct MacHasher {
+    key: MacHashKey,
+    state: u64,
+}
+
+impl Hasher for MacHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        for chunk in bytes.chunks(8) {
+            let mut word = [0u8; 8];
+            word[..chunk.len()].copy_from_slice(chunk);
+            self.write_u64(u64::from_le_bytes(word));
+        }
+    }
+
+    fn write_u64(&mut self, v: u64) {
+        self.state = folded_multiply(self.state ^ v, self.key.k1);
+    }
+
+    fn finish(&self) -> u64 {
+        // A second round: after one, the low bits (the table's bucket index) depend on the
+        // key's high bits only through the product's high half.
+        folded_multiply(self.state, self.key.k2)
+    }
+}
+
+/// A MAC address as the learning table's key.
+fn mac_key(mac: MacAddress) -> u64 {
+    let m = mac.0;
+    u64::from_le_bytes([m[0], m[1], m[2], m[3], m[4], m[5], 0, 0])
 }
 
 /// The switch. See the module documentation.
@@ -187,7 +279,7 @@ impl Switch {
                     source,
                 })?;
                 ingress.push(Ingress {
-                    packets: Mutex::new(VecDeque::new()),
+                    queue: Mutex::new(IngressQueue::default()),
                     len: AtomicUsize::new(0),
                     ready,
                 });
@@ -203,7 +295,8 @@ impl Switch {
             inner: Arc::new(SwitchInner {
                 ports: all,
                 blocked: AtomicUsize::new(0),
-                table: Mutex::new(HashMap::new()),
+                table: Mutex::new(HashMap::with_hasher(MacHashKey::random())),
+                headroom: SEND_BATCH.min(config.queue_capacity.div_ceil(2)),
                 config,
             }),
         })
@@ -241,16 +334,20 @@ impl Switch {
             .table
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        table.get(&mac).map(|l| l.port)
+        table.get(&mac_key(mac)).map(|l| l.port)
     }
 }
 
 impl SwitchInner {
-    /// Whether some port but `from` receives and none of them has room for a frame: every
-    /// queue pair they receive on is full. Ports that are down do not count: what is sent to
-    /// them is dropped, so waiting for them would only hold the sender up.
+    /// Whether a queue holding `len` packets has room for a sender's whole batch.
+    fn has_room(&self, len: usize) -> bool {
+        len + self.headroom <= self.config.queue_capacity
+    }
+
+    /// Whether some port but `from` receives and none of them has room for a batch: every
+    /// queue pair they receive on is (nearly) full. Ports that are down do not count: what is
+    /// sent to them is dropped, so waiting for them would only hold the sender up.
     fn no_room(&self, from: usize) -> bool {
-        let capacity = self.config.queue_capacity;
         let mut receivers = 0;
         let all_full = self.ports.iter().enumerate().all(|(p, port)| {
             let mask = port.enabled.load(Ordering::SeqCst);
@@ -259,7 +356,7 @@ impl SwitchInner {
             }
             receivers += 1;
             port.pairs.iter().enumerate().all(|(i, ingress)| {
-                mask & (1 << i) == 0 || ingress.len.load(Ordering::SeqCst) >= capacity
+                mask & (1 << i) == 0 || !self.has_room(ingress.len.load(Ordering::SeqCst))
             })
         });
         all_full && receivers > 0
@@ -306,9 +403,16 @@ impl SwitchInner {
         }
     }
 
-    /// Learns where `batch`'s sources are and queues each frame for its destination port(s).
-    fn forward(&self, from: usize, batch: &mut Vec<Vec<u8>>) {
-        let mut out: Vec<(usize, Vec<u8>)> = Vec::with_capacity(batch.len());
+    /// Learns where `batch`'s sources are and queues each frame for its destination port(s);
+    /// `out` is scratch space, `spares` receives buffers to reuse.
+    fn forward(
+        &self,
+        from: usize,
+        batch: &mut Vec<Vec<u8>>,
+        out: &mut Vec<(usize, Vec<u8>)>,
+        spares: &mut Vec<Vec<u8>>,
+    ) {
+        out.clear();
         {
             let mut table = self.table.lock().unwrap_or_else(PoisonError::into_inner);
             let now = Instant::now();
@@ -330,7 +434,7 @@ impl SwitchInner {
                     None
                 } else {
                     table
-                        .get(&dst)
+                        .get(&mac_key(dst))
                         .filter(|l| now.duration_since(l.seen) < self.config.aging)
                         .map(|l| l.port)
                 };
@@ -364,19 +468,37 @@ impl SwitchInner {
                 }
             }
         }
-        for (port, packet) in out {
-            self.deliver(port, packet);
+        // Consecutive frames for the same queue are queued under one lock.
+        let mut open: Option<Delivery<'_>> = None;
+        for (port, packet) in out.drain(..) {
+            let Some(pair) = self.pair_for(port, &packet) else {
+                continue;
+            };
+            if open
+                .as_ref()
+                .is_some_and(|d| d.port != port || d.pair != pair)
+            {
+                if let Some(d) = open.take() {
+                    d.close(spares);
+                }
+            }
+            let d = open.get_or_insert_with(|| Delivery::open(self, port, pair));
+            d.push(packet);
+        }
+        if let Some(d) = open {
+            d.close(spares);
         }
     }
 
     fn learn(
         &self,
-        table: &mut HashMap<MacAddress, Learned>,
+        table: &mut HashMap<u64, Learned, MacHashKey>,
         mac: MacAddress,
         port: usize,
         now: Instant,
     ) {
-        if let Some(entry) = table.get_mut(&mac) {
+        let key = mac_key(mac);
+        if let Some(entry) = table.get_mut(&key) {
             entry.port = port;
             entry.seen = now;
             return;
@@ -388,16 +510,20 @@ impl SwitchInner {
                 return;
             }
         }
-        table.insert(mac, Learned { port, seen: now });
+        table.insert(key, Learned { port, seen: now });
     }
 
-    /// Queues `packet` on one of `port`'s enabled queue pairs, chosen by flow.
-    fn deliver(&self, port: usize, packet: Vec<u8>) {
+    /// The enabled queue pair of `port` that `packet` goes to, chosen by flow; `None` (the
+    /// packet counted as dropped) when the port is down.
+    fn pair_for(&self, port: usize, packet: &[u8]) -> Option<usize> {
         let p = &self.ports[port];
         let mask = p.enabled.load(Ordering::Acquire);
         if mask == 0 {
             p.counters.dropped_down.fetch_add(1, Ordering::Relaxed);
-            return;
+            return None;
+        }
+        if mask.is_power_of_two() {
+            return Some(mask.trailing_zeros() as usize);
         }
         // The pair from the hash's high half (multiply-shift): FNV-1a's low bits are weak, its
         // lowest one the parity of the input's bytes, so `hash % 2` put every TCP connection
@@ -407,23 +533,76 @@ impl SwitchInner {
         for _ in 0..k {
             bits &= bits - 1;
         }
-        let pair = bits.trailing_zeros() as usize;
-        let ingress = &p.pairs[pair];
-        let mut queue = ingress
-            .packets
+        Some(bits.trailing_zeros() as usize)
+    }
+}
+
+/// Frames being queued on one ingress queue, under its lock.
+struct Delivery<'a> {
+    inner: &'a SwitchInner,
+    port: usize,
+    pair: usize,
+    queue: MutexGuard<'a, IngressQueue>,
+    delivered: u64,
+    dropped: u64,
+}
+
+impl<'a> Delivery<'a> {
+    fn open(inner: &'a SwitchInner, port: usize, pair: usize) -> Self {
+        let queue = inner.ports[port].pairs[pair]
+            .queue
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        if queue.len() >= self.config.queue_capacity {
-            p.counters.dropped_full.fetch_add(1, Ordering::Relaxed);
+        Delivery {
+            inner,
+            port,
+            pair,
+            queue,
+            delivered: 0,
+            dropped: 0,
+        }
+    }
+
+    fn push(&mut self, packet: Vec<u8>) {
+        if self.queue.packets.len() >= self.inner.config.queue_capacity {
+            self.dropped += 1;
             return;
         }
-        queue.push_back(packet);
-        ingress.len.store(queue.len(), Ordering::SeqCst);
-        p.counters.delivered.fetch_add(1, Ordering::Relaxed);
-        if queue.len() == 1 {
+        self.queue.packets.push_back(packet);
+        self.delivered += 1;
+    }
+
+    /// Publishes the length, signals the receiver if the queue was empty, takes as many spare
+    /// buffers as frames were queued, and unlocks.
+    fn close(mut self, spares: &mut Vec<Vec<u8>>) {
+        let p = &self.inner.ports[self.port];
+        let ingress = &p.pairs[self.pair];
+        let len = self.queue.packets.len();
+        ingress.len.store(len, Ordering::SeqCst);
+        if self.delivered > 0 && len as u64 == self.delivered {
+            // It was empty: readable from now on (written under the lock, so that a receiver
+            // that empties the queue reads it back in order).
             if let Err(e) = ingress.ready.write(1) {
-                log::error!("switch port {port} queue {pair}: cannot signal a packet: {e}");
+                log::error!(
+                    "switch port {} queue {}: cannot signal a packet: {e}",
+                    self.port,
+                    self.pair
+                );
             }
+        }
+        let want = (self.delivered as usize).min(MAX_SPARES.saturating_sub(spares.len()));
+        let available = self.queue.spares.len();
+        spares.extend(self.queue.spares.drain(available - want.min(available)..));
+        drop(self.queue);
+        if self.delivered > 0 {
+            p.counters
+                .delivered
+                .fetch_add(self.delivered, Ordering::Relaxed);
+        }
+        if self.dropped > 0 {
+            p.counters
+                .dropped_full
+                .fetch_add(self.dropped, Ordering::Relaxed);
         }
     }
 }
@@ -452,6 +631,8 @@ impl PacketBackend for SwitchPort {
                     port: self.index,
                     pair,
                     has_waker: false,
+                    out: Vec::new(),
+                    spares: Vec::new(),
                 }) as Box<dyn PacketQueue>
             })
             .collect()
@@ -466,6 +647,10 @@ struct SwitchQueue {
     pair: usize,
     /// A space waker was given: the queue may report congestion.
     has_waker: bool,
+    /// Scratch space of [`SwitchInner::forward`].
+    out: Vec<(usize, Vec<u8>)>,
+    /// Buffers taken back from the queues this one sent to, for [`PacketQueue::reclaim`].
+    spares: Vec<Vec<u8>>,
 }
 
 impl SwitchQueue {
@@ -481,27 +666,40 @@ impl PacketQueue for SwitchQueue {
 
     fn recv(&mut self, packet: &mut Vec<u8>) -> Result<bool, BackendError> {
         let ingress = self.ingress();
-        let mut queue = ingress
-            .packets
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        let Some(next) = queue.pop_front() else {
+        let mut queue = ingress.queue.lock().unwrap_or_else(PoisonError::into_inner);
+        let Some(mut next) = queue.packets.pop_front() else {
             return Ok(false);
         };
-        ingress.len.store(queue.len(), Ordering::SeqCst);
-        if queue.is_empty() {
+        let len = queue.packets.len();
+        ingress.len.store(len, Ordering::SeqCst);
+        if len == 0 {
             // Not readable again until a packet arrives; a failure means it was not readable.
             let _ = ingress.ready.read();
         }
+        std::mem::swap(packet, &mut next);
+        // `next` is now the caller's old buffer: back to the senders.
+        if next.capacity() > 0 && queue.spares.len() < MAX_SPARES {
+            next.clear();
+            queue.spares.push(next);
+        }
         drop(queue);
-        *packet = next;
-        self.inner.wake_blocked(self.port);
+        if self.inner.has_room(len) {
+            self.inner.wake_blocked(self.port);
+        }
         Ok(true)
     }
 
     fn send(&mut self, batch: &mut Vec<Vec<u8>>) -> usize {
-        self.inner.forward(self.port, batch);
+        self.inner
+            .forward(self.port, batch, &mut self.out, &mut self.spares);
         0
+    }
+
+    fn reclaim(&mut self, spares: &mut Vec<Vec<u8>>) {
+        let n = MAX_SPARES
+            .saturating_sub(spares.len())
+            .min(self.spares.len());
+        spares.extend(self.spares.drain(..n));
     }
 
     fn congested(&mut self) -> bool {
@@ -527,14 +725,11 @@ impl PacketQueue for SwitchQueue {
         } else {
             port.enabled.fetch_and(!bit, Ordering::AcqRel);
             let ingress = self.ingress();
-            let mut queue = ingress
-                .packets
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner);
+            let mut queue = ingress.queue.lock().unwrap_or_else(PoisonError::into_inner);
             port.counters
                 .dropped_down
-                .fetch_add(queue.len() as u64, Ordering::Relaxed);
-            queue.clear();
+                .fetch_add(queue.packets.len() as u64, Ordering::Relaxed);
+            queue.packets.clear();
             ingress.len.store(0, Ordering::SeqCst);
             let _ = ingress.ready.read();
         }
@@ -736,6 +931,61 @@ mod tests {
             counts.iter().all(|&c| c >= 3),
             "16 flows over 2 pairs: {counts:?}"
         );
+    }
+
+    #[test]
+    fn spent_receive_buffers_go_back_to_the_sender() {
+        let s = Switch::new(2, 1, SwitchConfig::default()).unwrap();
+        let (mut a, mut b) = (queues(&s, 0), queues(&s, 1));
+        a[0].send(&mut vec![packet([0xff; 6], A, 1), packet([0xff; 6], A, 2)]);
+        // B hands in a buffer of its own with the first receive, and the first packet's
+        // buffer with the second.
+        let mut p = Vec::with_capacity(4000);
+        assert!(b[0].recv(&mut p).unwrap());
+        assert_eq!(p[HDR_LEN + 14], 1);
+        assert!(b[0].recv(&mut p).unwrap());
+        assert_eq!(p[HDR_LEN + 14], 2);
+        let mut spares = Vec::new();
+        a[0].reclaim(&mut spares);
+        assert!(spares.is_empty(), "nothing sent since: nothing taken back");
+        a[0].send(&mut vec![packet(B, A, 3)]);
+        a[0].reclaim(&mut spares);
+        assert_eq!(spares.len(), 1, "one frame queued, one buffer back");
+        a[0].send(&mut vec![packet(B, A, 4)]);
+        a[0].reclaim(&mut spares);
+        assert_eq!(spares.len(), 2);
+        assert!(spares.iter().all(|b| b.is_empty()));
+        let mut capacities: Vec<usize> = spares.iter().map(|b| b.capacity()).collect();
+        capacities.sort();
+        assert!(
+            capacities[0] >= HDR_LEN + 60 && capacities[1] >= 4000,
+            "the first packet's buffer and B's own: {capacities:?}"
+        );
+        a[0].send(&mut vec![packet(B, A, 5)]);
+        a[0].reclaim(&mut spares);
+        assert_eq!(spares.len(), 2, "B has none left");
+        let got: Vec<u8> = received(&mut b[0])
+            .iter()
+            .map(|p| p[HDR_LEN + 14])
+            .collect();
+        assert_eq!(got, [3, 4, 5]);
+    }
+
+    #[test]
+    fn the_learning_table_hash_is_keyed_and_spreads_guest_chosen_addresses() {
+        let (k1, k2) = (MacHashKey::random(), MacHashKey::random());
+        let mac = mac_key(MacAddress(A));
+        assert_ne!(k1.hash_one(mac), k2.hash_one(mac), "a key per switch");
+        // Addresses that differ in one byte only (a guest picks them) fill 4096 buckets of
+        // the low bits about as well as random hashes would (~2590 distinct).
+        for key in [k1, k2] {
+            let mut seen = std::collections::HashSet::new();
+            for i in 0..4096u64 {
+                let m = MacAddress([0x52, 0x54, 0, 0, (i >> 8) as u8, i as u8]);
+                seen.insert(key.hash_one(mac_key(m)) & 4095);
+            }
+            assert!(seen.len() > 2400, "{} distinct buckets", seen.len());
+        }
     }
 
     #[test]

@@ -15,7 +15,7 @@ use std::os::raw::c_short;
 
 use vmm_sys_util::eventfd::EventFd;
 
-use super::{BackendError, PacketBackend, PacketQueue};
+use super::{BackendError, PacketBackend, PacketQueue, MAX_SPARES};
 use crate::config::{Offloads, ETH_HLEN, MAX_GSO_PAYLOAD, VLAN_HLEN};
 use crate::hdr::HDR_LEN;
 use crate::sys::tap as sys;
@@ -166,6 +166,7 @@ impl PacketBackend for Tap {
                     attached: true,
                     scratch: vec![0; MAX_PACKET].into_boxed_slice(),
                     errors: 0,
+                    spares: Vec::new(),
                 }) as Box<dyn PacketQueue>
             })
             .collect()
@@ -181,6 +182,8 @@ struct TapQueue {
     attached: bool,
     scratch: Box<[u8]>,
     errors: u64,
+    /// Buffers of sent packets, for [`PacketQueue::reclaim`].
+    spares: Vec<Vec<u8>>,
 }
 
 impl std::fmt::Debug for TapQueue {
@@ -240,7 +243,7 @@ impl PacketQueue for TapQueue {
 
     fn send(&mut self, batch: &mut Vec<Vec<u8>>) -> usize {
         let mut dropped = 0;
-        for packet in batch.drain(..) {
+        for mut packet in batch.drain(..) {
             let result = loop {
                 match self.file.write(&packet) {
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -260,8 +263,19 @@ impl PacketQueue for TapQueue {
                     self.log_send_error(&e);
                 }
             }
+            if self.spares.len() < MAX_SPARES {
+                packet.clear();
+                self.spares.push(packet);
+            }
         }
         dropped
+    }
+
+    fn reclaim(&mut self, spares: &mut Vec<Vec<u8>>) {
+        let n = MAX_SPARES
+            .saturating_sub(spares.len())
+            .min(self.spares.len());
+        spares.extend(self.spares.drain(..n));
     }
 
     fn congested(&mut self) -> bool {
