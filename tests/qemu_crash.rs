@@ -20,7 +20,8 @@
 //! backend's queue workers starting) and by the guest (fio's slowest request in the 100 ms
 //! windows around the kill, `write_lat_log` with `log_max_value`).
 //!
-//! `OUTBOARD_CRASH_SEED` repeats a run's random choices.
+//! `OUTBOARD_CRASH_SEED` repeats a run's random choices; `OUTBOARD_CRASH_KEEP=1` keeps the
+//! backend logs and the guest's files.
 
 mod common;
 
@@ -131,6 +132,18 @@ struct Setup {
     socket: PathBuf,
     upgrade: PathBuf,
     out: PathBuf,
+    /// `OUTBOARD_CRASH_KEEP=1`: leave the backend logs and the guest's files for a look.
+    keep: bool,
+}
+
+impl Drop for Setup {
+    fn drop(&mut self) {
+        if self.keep {
+            // An empty path makes the directory's own drop remove nothing.
+            let kept = std::mem::take(&mut self.dir.0);
+            eprintln!("qemu_crash: logs kept in {}", kept.display());
+        }
+    }
 }
 
 impl Setup {
@@ -204,6 +217,9 @@ struct Restart {
     at: Duration,
     /// Host side: from the kill (or the upgrade's start) to the new process's workers running.
     backend_pause: Duration,
+    /// After a kill: whether the dead process's socket file was still there when the new one
+    /// started (its reaper had not run yet).
+    stale_socket: Option<bool>,
     /// The next generation's log, once it ran.
     log: String,
 }
@@ -237,6 +253,7 @@ fn qemu_guest_fio_verify_survives_sigkill_restarts_and_a_live_upgrade() {
         socket: dir.path("vhost.sock"),
         upgrade: dir.path("upgrade.sock"),
         out: dir.path("guest"),
+        keep: std::env::var_os("OUTBOARD_CRASH_KEEP").is_some_and(|v| v == "1"),
         disk,
         dir,
     };
@@ -337,6 +354,7 @@ fn qemu_guest_fio_verify_survives_sigkill_restarts_and_a_live_upgrade() {
             );
         }
         let at = t_event - fio_start;
+        let mut stale_socket = None;
         let mut next = match event {
             Event::Kill | Event::KillAtFault(_) => {
                 nix::sys::signal::kill(gen.pid(), nix::sys::signal::Signal::SIGKILL).unwrap();
@@ -350,6 +368,7 @@ fn qemu_guest_fio_verify_survives_sigkill_restarts_and_a_live_upgrade() {
                 );
                 // Restart at once on the same path: the old socket file may still be there
                 // (its reaper runs as the process dies), and the new process must bind anyway.
+                stale_socket = Some(setup.socket.exists());
                 let mut next = setup.spawn(i + 1, false, next_fault);
                 wait_log(&mut next, "listening on", LOG_LIMIT, "restarted backend");
                 next
@@ -386,6 +405,7 @@ fn qemu_guest_fio_verify_survives_sigkill_restarts_and_a_live_upgrade() {
             event,
             at,
             backend_pause,
+            stale_socket,
             log: next.log_text(),
         });
         gen = next;
@@ -479,11 +499,14 @@ fn qemu_guest_fio_verify_survives_sigkill_restarts_and_a_live_upgrade() {
     usual.sort();
     let mut guest_pauses = Vec::new();
     for (i, r) in restarts.iter().enumerate() {
-        let from = r.at.saturating_sub(Duration::from_millis(300));
+        // fio's clock starts a little after the host sees PHASE fio_running, and a window is
+        // logged by its start: look from a second before the event to a second before the next.
+        let from = r.at.saturating_sub(Duration::from_secs(1));
         let to = restarts
             .get(i + 1)
             .map_or(r.at + Duration::from_secs(4), |n| {
-                n.at.min(r.at + Duration::from_secs(4))
+                n.at.saturating_sub(Duration::from_secs(1))
+                    .min(r.at + Duration::from_secs(4))
             });
         let slowest = windows
             .iter()
@@ -506,6 +529,12 @@ fn qemu_guest_fio_verify_survives_sigkill_restarts_and_a_live_upgrade() {
             t.as_secs_f64()
         );
     }
+    let slow: Vec<String> = windows
+        .iter()
+        .filter(|(_, lat)| *lat > Duration::from_millis(300))
+        .map(|(t, lat)| format!("+{:.1}s {} ms", t.as_secs_f64(), lat.as_millis()))
+        .collect();
+    println!("guest windows slower than 300 ms: {}", slow.join(", "));
     println!(
         "guest's slowest request per 100 ms window over the run ({} windows above 20 ms): median {} ms, 99th percentile {} ms",
         usual.len(),
@@ -529,6 +558,14 @@ fn qemu_guest_fio_verify_survives_sigkill_restarts_and_a_live_upgrade() {
         "SIGKILL restarts: backend pause {}; guest's slowest request {}",
         ms(kills_only(&|i| restarts[i].backend_pause)),
         ms(kills_only(&|i| guest_pauses[i].1))
+    );
+    let stale = restarts
+        .iter()
+        .filter(|r| r.stale_socket == Some(true))
+        .count();
+    println!(
+        "the killed process's socket file was still there at {stale} of {kills} restarts (the \
+         new process replaced it; the old reaper left the new file alone)"
     );
     println!(
         "{kills} kills ({resubmitted} restart(s) resubmitted requests), 1 live upgrade, all within fio+{:.1}s; whole test {:.1}s",
