@@ -149,6 +149,7 @@ fn the_runner_says_plainly_what_dpdks_net_backend_lacks() {
         testpmd.display(),
         std::process::id()
     );
+    // testpmd maps 512 MiB before it listens: slow on a busy machine.
     let (out, r) = runner(
         &dir,
         &[
@@ -157,6 +158,8 @@ fn the_runner_says_plainly_what_dpdks_net_backend_lacks() {
             "net",
             "--count",
             "2",
+            "--timeout",
+            "60",
             "--backend",
             &backend,
         ],

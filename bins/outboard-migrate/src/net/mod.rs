@@ -30,21 +30,17 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use outboard_frontend::migration::{migration_protocol_features, DirtyLog, LOG_PAGE_SIZE};
-use outboard_frontend::{NetDriver, NetHdr, NetOptions, SessionBuilder};
+use outboard_frontend::{NetDriver, NetHdr, NetOptions, RxPacket, SessionBuilder};
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost::VhostBackend;
+
+mod frames;
 
 use crate::backend::{self, BackendProcess};
 use crate::hop::{DirtyCheck, Hop, Outcome, Tamper};
 use crate::report::{Case, FrameCounts, Progress, Report};
+use frames::{numbered_frame, parse_frame};
 
-const ETHERTYPE: [u8; 2] = [0x88, 0xb5];
-const MAGIC: &[u8; 4] = b"OBMN";
-const HEADER: usize = 14;
-/// magic (4), direction (1), sequence number (8), length (2), CRC-32 (4).
-const RECORD: usize = 19;
-const MIN_FRAME: usize = 60;
-const MAX_FRAME: usize = 1514;
 /// Frames of one direction sent and not yet received.
 const WINDOW: u64 = 96;
 /// Frames published without a kick before a stop, on top of the window.
@@ -55,71 +51,6 @@ const RX_BUFFERS: u16 = 160;
 const RX: u16 = 0;
 const TX: u16 = 1;
 const CTRL: u16 = 2;
-
-/// The MAC of port `i`.
-fn mac(i: usize) -> [u8; 6] {
-    [0x52, 0x54, 0x00, 0x6d, 0x69, 0x10 + i as u8]
-}
-
-fn frame_len(seq: u64) -> usize {
-    MIN_FRAME + (seq as usize * 37) % (MAX_FRAME - MIN_FRAME + 1)
-}
-
-/// Frame `seq` of direction `dir` (0: port A to B, 1: B to A).
-pub fn numbered_frame(dir: u8, seq: u64) -> Vec<u8> {
-    let (src, dst) = (usize::from(dir), usize::from(1 - dir));
-    let len = frame_len(seq);
-    let mut f = Vec::with_capacity(len);
-    f.extend(mac(dst));
-    f.extend(mac(src));
-    f.extend(ETHERTYPE);
-    f.extend(MAGIC);
-    f.push(dir);
-    f.extend(seq.to_le_bytes());
-    f.extend((len as u16).to_le_bytes());
-    let crc_at = f.len();
-    f.extend([0; 4]);
-    let mut x = seq.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    while f.len() < len {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        f.push(x as u8);
-    }
-    let crc = checksum(&f, crc_at);
-    f[crc_at..crc_at + 4].copy_from_slice(&crc.to_le_bytes());
-    f
-}
-
-fn checksum(f: &[u8], crc_at: usize) -> u32 {
-    let mut h = crc32fast::Hasher::new();
-    h.update(&f[HEADER..crc_at]);
-    h.update(&f[crc_at + 4..]);
-    h.finalize()
-}
-
-/// The direction and number of a received frame, or why it is not one of the runner's.
-pub fn parse_frame(f: &[u8]) -> Result<(u8, u64), String> {
-    if f.len() < HEADER + RECORD || f[12..14] != ETHERTYPE || &f[14..18] != MAGIC {
-        return Err(format!("a {}-byte frame that is not the runner's", f.len()));
-    }
-    let dir = f[18];
-    let seq = u64::from_le_bytes(f[19..27].try_into().expect("8 bytes"));
-    let len = usize::from(u16::from_le_bytes([f[27], f[28]]));
-    let crc = u32::from_le_bytes(f[29..33].try_into().expect("4 bytes"));
-    if len != f.len() || dir > 1 {
-        return Err(format!(
-            "frame {seq}: {} bytes where it says {len} (direction {dir})",
-            f.len()
-        ));
-    }
-    if checksum(f, 29) != crc {
-        return Err(format!(
-            "frame {seq} of direction {dir}: bad CRC (corrupted)"
-        ));
-    }
-    Ok((dir, seq))
-}
 
 /// One port: the driver on its socket, what it sent and received, and its dirty log.
 struct Port {
@@ -135,7 +66,28 @@ struct Port {
     pages: BTreeMap<u64, &'static str>,
     /// Used indices (receive, transmit) at the last check.
     used_start: [u16; 2],
+    labels: &'static PageLabels,
 }
+
+/// What a page the device wrote holds, per port, for reports.
+struct PageLabels {
+    buffer: &'static str,
+    used_idx: &'static str,
+    used_ring: &'static str,
+}
+
+const LABELS: [PageLabels; 2] = [
+    PageLabels {
+        buffer: "port A receive buffer",
+        used_idx: "port A used index",
+        used_ring: "port A used ring",
+    },
+    PageLabels {
+        buffer: "port B receive buffer",
+        used_idx: "port B used index",
+        used_ring: "port B used ring",
+    },
+];
 
 impl Port {
     fn used_idx(&mut self) -> [u16; 2] {
@@ -225,6 +177,7 @@ impl<'a> NetRun<'a> {
                 log: None,
                 pages: BTreeMap::new(),
                 used_start: [0; 2],
+                labels: &LABELS[i],
             })
         };
         let mut ports = [connect(0, report)?, connect(1, report)?];
@@ -251,13 +204,14 @@ impl<'a> NetRun<'a> {
         })
     }
 
-    /// Adds frames to each transmit ring while its window allows; kicks if `kick`.
-    fn fill(&mut self, limit: Option<u64>, kick: bool) -> anyhow::Result<()> {
+    /// Adds frames to each transmit ring while its window allows (and, with `goals`, up to
+    /// each port's goal); kicks if `kick`.
+    fn fill(&mut self, goals: Option<[u64; 2]>, kick: bool) -> anyhow::Result<()> {
         for src in 0..2 {
             let peer_got = self.ports[1 - src].expect;
             let p = &mut self.ports[src];
             let mut added = false;
-            while p.sent - peer_got < WINDOW && limit.is_none_or(|l| p.sent < l) {
+            while p.sent - peer_got < WINDOW && goals.is_none_or(|g| p.sent < g[src]) {
                 let f = numbered_frame(src as u8, p.sent);
                 p.d.tx(0)?.add(NetHdr::default(), &f)?;
                 p.sent += 1;
@@ -285,88 +239,97 @@ impl<'a> NetRun<'a> {
         Ok(())
     }
 
-    /// Takes every frame the ports have received (waiting up to `wait` for the first), and
+    /// Takes every frame the ports have received, waiting up to `wait` if none has arrived, and
     /// checks each. Returns how many arrived.
     fn receive(&mut self, wait: Duration) -> anyhow::Result<u64> {
-        let mut got = 0;
-        for i in 0..2 {
-            let mut first = true;
-            loop {
-                let p = &mut self.ports[i];
-                let packet = if first && got == 0 && i == 1 {
-                    p.d.rx(0)?.recv(wait)?
-                } else {
-                    p.d.rx(0)?.try_recv()?
-                };
-                first = false;
-                let Some(packet) = packet else { break };
-                got += 1;
-                if p.log.is_some() {
-                    for &(gpa, len) in &packet.written {
-                        let end = gpa + u64::from(len.max(1)) - 1;
-                        for page in gpa / LOG_PAGE_SIZE..=end / LOG_PAGE_SIZE {
-                            p.pages.insert(page, "receive buffer");
-                        }
-                    }
-                }
-                let (name, expect) = (p.name, p.expect);
-                let v = &mut self.frames.violations;
-                let c = &mut self.frames.counts;
-                match parse_frame(&packet.frame) {
-                    Err(e) => {
-                        c.corrupt += 1;
-                        v.push(format!("port {name} received {e}"));
-                    }
-                    Ok((dir, _)) if usize::from(dir) == i => {
-                        c.corrupt += 1;
-                        v.push(format!("port {name} received its own frame back"));
-                    }
-                    Ok((_, seq)) if seq == expect => {
-                        p.expect += 1;
-                        p.received += 1;
-                    }
-                    Ok((_, seq)) if seq > expect => {
-                        c.lost += seq - expect;
-                        v.push(format!(
-                            "port {name}: frames {expect}..{} never arrived (next was {seq})",
-                            seq - 1
-                        ));
-                        p.expect = seq + 1;
-                        p.received += 1;
-                    }
-                    Ok((_, seq)) => {
-                        c.duplicated_or_reordered += 1;
-                        v.push(format!(
-                            "port {name}: frame {seq} arrived again or out of order (expected {expect})"
-                        ));
-                    }
-                }
+        let mut got = self.take_received()?;
+        if got == 0 && !wait.is_zero() {
+            if let Some(packet) = self.ports[1].d.rx(0)?.recv(wait)? {
+                self.check(1, packet);
+                got = 1 + self.take_received()?;
             }
         }
         Ok(got)
     }
 
-    /// Exchanges `count` more frames each way, waiting until all arrived.
+    /// Takes every frame already in the ports' used rings.
+    fn take_received(&mut self) -> anyhow::Result<u64> {
+        let mut got = 0;
+        for i in 0..2 {
+            while let Some(packet) = self.ports[i].d.rx(0)?.try_recv()? {
+                self.check(i, packet);
+                got += 1;
+            }
+        }
+        Ok(got)
+    }
+
+    /// Checks a frame port `i` received: the next of its peer's, intact. Notes the pages the
+    /// device wrote for it.
+    fn check(&mut self, i: usize, packet: RxPacket) {
+        let p = &mut self.ports[i];
+        if p.log.is_some() {
+            for &(gpa, len) in &packet.written {
+                let end = gpa + u64::from(len.max(1)) - 1;
+                for page in gpa / LOG_PAGE_SIZE..=end / LOG_PAGE_SIZE {
+                    p.pages.insert(page, p.labels.buffer);
+                }
+            }
+        }
+        let (name, expect) = (p.name, p.expect);
+        let v = &mut self.frames.violations;
+        let c = &mut self.frames.counts;
+        match parse_frame(&packet.frame) {
+            Err(e) => {
+                c.corrupt += 1;
+                v.push(format!("port {name} received {e}"));
+            }
+            Ok((dir, _)) if usize::from(dir) == i => {
+                c.corrupt += 1;
+                v.push(format!("port {name} received its own frame back"));
+            }
+            Ok((_, seq)) if seq == expect => {
+                p.expect += 1;
+                p.received += 1;
+            }
+            Ok((_, seq)) if seq > expect => {
+                c.lost += seq - expect;
+                v.push(format!(
+                    "port {name}: frames {expect}..{} never arrived (next was {seq})",
+                    seq - 1
+                ));
+                p.expect = seq + 1;
+                p.received += 1;
+            }
+            Ok((_, seq)) => {
+                c.duplicated_or_reordered += 1;
+                v.push(format!(
+                    "port {name}: frame {seq} arrived again or out of order (expected {expect})"
+                ));
+            }
+        }
+    }
+
+    /// Exchanges `count` more frames each way, waiting until all arrived; fails after
+    /// `timeout` without progress.
     fn run(&mut self, count: u64) -> anyhow::Result<()> {
         let goal = [self.ports[0].sent + count, self.ports[1].sent + count];
-        let deadline = Instant::now() + self.timeout;
         let mut last_progress = Instant::now();
         while self.ports[1].expect < goal[0] || self.ports[0].expect < goal[1] {
             let before = (self.ports[0].sent, self.ports[1].sent);
-            self.fill(Some(goal[0].max(goal[1])), true)?;
-            // Each direction up to its own goal.
+            self.fill(Some(goal), true)?;
             let got = self.receive(Duration::from_millis(2))?;
             if got > 0 || before != (self.ports[0].sent, self.ports[1].sent) {
                 last_progress = Instant::now();
             }
-            if last_progress.elapsed() > self.timeout || Instant::now() > deadline + self.timeout {
+            if last_progress.elapsed() > self.timeout {
                 bail!(
-                    "no progress for {:?}: A sent {} and received {}, B sent {} and received {}",
+                    "no progress for {:?}: A sent {} and B received {} of them, B sent {} and A received {} of them",
                     self.timeout,
                     self.ports[0].sent,
-                    self.ports[0].expect,
+                    self.ports[1].expect,
                     self.ports[1].sent,
-                    self.ports[1].expect
+                    self.ports[0].expect
                 );
             }
         }
@@ -395,33 +358,24 @@ impl<'a> NetRun<'a> {
                 let (start, stop) = (p.used_start[k], end[k]);
                 let used = dq.used_ring_gpa();
                 if start != stop {
-                    expected.insert((used + 2) / LOG_PAGE_SIZE, "used index");
+                    expected.insert((used + 2) / LOG_PAGE_SIZE, p.labels.used_idx);
                 }
                 let mut i = start;
                 while i != stop {
                     let elem = used + 4 + 8 * u64::from(i % dq.size());
-                    expected.entry(elem / LOG_PAGE_SIZE).or_insert("used ring");
+                    expected
+                        .entry(elem / LOG_PAGE_SIZE)
+                        .or_insert(p.labels.used_ring);
                     i = i.wrapping_add(1);
                 }
             }
             p.used_start = end;
             check.expected += expected.len() as u64;
             check.marked += bitmap.count();
-            let label = |what: &'static str, port: &'static str| -> &'static str {
-                match (port, what) {
-                    ("A", "receive buffer") => "port A receive buffer",
-                    ("A", "used index") => "port A used index",
-                    ("A", _) => "port A used ring",
-                    (_, "receive buffer") => "port B receive buffer",
-                    (_, "used index") => "port B used index",
-                    _ => "port B used ring",
-                }
-            };
             check.missing.extend(
                 expected
                     .into_iter()
-                    .filter(|&(page, _)| !bitmap.is_dirty(page * LOG_PAGE_SIZE))
-                    .map(|(page, what)| (page, label(what, p.name))),
+                    .filter(|&(page, _)| !bitmap.is_dirty(page * LOG_PAGE_SIZE)),
             );
         }
         any.then_some(check)
@@ -779,27 +733,4 @@ pub fn run_refusals(
         second_hop: Some(ok(&second)),
     });
     r.finish(report)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn numbered_frames_check_themselves() {
-        for seq in [0, 1, 2, 77, 1 << 40] {
-            for dir in [0, 1] {
-                let f = numbered_frame(dir, seq);
-                assert!((MIN_FRAME..=MAX_FRAME).contains(&f.len()));
-                assert_eq!(parse_frame(&f), Ok((dir, seq)));
-                let mut bad = f.clone();
-                let last = bad.len() - 1;
-                bad[last] ^= 1;
-                assert!(parse_frame(&bad).unwrap_err().contains("bad CRC"));
-                assert!(parse_frame(&f[..f.len() - 1]).is_err());
-            }
-        }
-        assert_ne!(numbered_frame(0, 5), numbered_frame(0, 6));
-        assert!(parse_frame(&[0u8; 64]).is_err());
-    }
 }
