@@ -180,24 +180,11 @@ impl Sockets {
         backend: &mut VhostUserBackend,
         shutdown: &EventFd,
     ) -> anyhow::Result<()> {
-        let mut connection = None;
-        if let Some(takeover) = self.takeover.take() {
-            connection = take_over(backend, takeover)?;
-        }
-        self.arm(backend)?;
-        let end = match connection {
-            Some(conn) => match backend.serve_stream(conn, shutdown)? {
-                SessionEnd::Disconnected
-                    if matches!(self.sockets[0], ServingSocket::Listener(..)) =>
-                {
-                    log::info!("frontend disconnected; listening again");
-                    serve_socket(backend, &self.sockets[0], shutdown)?
-                }
-                end => end,
-            },
-            None => serve_socket(backend, &self.sockets[0], shutdown)?,
-        };
-        if end == SessionEnd::HandedOver {
+        let served = self.serve_until_end(backend, shutdown);
+        // The upgrade point holds duplicates of the reapers' pipes: the reapers would wait
+        // for them forever when the sockets are dropped.
+        drop(backend.take_upgrade_point());
+        if served? == SessionEnd::HandedOver {
             // The new process holds the sockets and their files; nothing of them is ours to
             // remove or to wait for.
             for socket in &mut self.sockets {
@@ -208,6 +195,30 @@ impl Sockets {
             log::info!("exiting");
         }
         Ok(())
+    }
+
+    fn serve_until_end(
+        &mut self,
+        backend: &mut VhostUserBackend,
+        shutdown: &EventFd,
+    ) -> anyhow::Result<SessionEnd> {
+        let mut connection = None;
+        if let Some(takeover) = self.takeover.take() {
+            connection = take_over(backend, takeover)?;
+        }
+        self.arm(backend)?;
+        Ok(match connection {
+            Some(conn) => match backend.serve_stream(conn, shutdown)? {
+                SessionEnd::Disconnected
+                    if matches!(self.sockets[0], ServingSocket::Listener(..)) =>
+                {
+                    log::info!("frontend disconnected; listening again");
+                    serve_socket(backend, &self.sockets[0], shutdown)?
+                }
+                end => end,
+            },
+            None => serve_socket(backend, &self.sockets[0], shutdown)?,
+        })
     }
 
     /// Listens for upgrade requests on the upgrade socket, if there is one.

@@ -444,10 +444,11 @@ fn recv_frame(
     cancel: Option<BorrowedFd<'_>>,
     what: &'static str,
 ) -> Result<Frame, HandoverError> {
+    let started = Instant::now();
     let timeout = |e| match e {
         HandoverError::Timeout { .. } => HandoverError::Timeout {
             what,
-            after: deadline.saturating_duration_since(Instant::now()),
+            after: started.elapsed(),
         },
         e => e,
     };
@@ -954,6 +955,13 @@ impl VhostUserBackend {
     /// control socket can take the device over (see the module documentation).
     pub fn set_upgrade_point(&mut self, point: UpgradePoint) {
         self.upgrade = Some(point);
+    }
+
+    /// Stops listening for upgrade requests and gives back what [`Self::set_upgrade_point`]
+    /// was given (the program drops it before it waits for its socket reapers: the point
+    /// holds duplicates of their pipes).
+    pub fn take_upgrade_point(&mut self) -> Option<UpgradePoint> {
+        self.upgrade.take()
     }
 
     /// The control socket, for the loops' poll sets.
