@@ -186,7 +186,7 @@ fn unknown_and_unsupported_requests_are_refused_or_close_the_connection() {
         ("an unknown request with NEED_REPLY", 9999),
         ("request code 0 with NEED_REPLY", 0),
         ("request code 2^32-1 with NEED_REPLY", u32::MAX),
-        ("SET_INFLIGHT_FD, not supported, with NEED_REPLY", code(R::SET_INFLIGHT_FD)),
+        ("SET_INFLIGHT_FD, not negotiated, with NEED_REPLY", code(R::SET_INFLIGHT_FD)),
         ("VRING_KICK, not supported, with NEED_REPLY", code(R::VRING_KICK)),
         ("SEND_RARP, not for a block device, with NEED_REPLY", code(R::SEND_RARP)),
     ];
@@ -199,7 +199,6 @@ fn unknown_and_unsupported_requests_are_refused_or_close_the_connection() {
     #[rustfmt::skip]
     let cases = [
         ("an unknown request without NEED_REPLY", 9999, VERSION),
-        ("SET_INFLIGHT_FD without NEED_REPLY", code(R::SET_INFLIGHT_FD), VERSION),
         ("GET_INFLIGHT_FD, whose reply the backend cannot give", code(R::GET_INFLIGHT_FD),
             VERSION | FLAG_NEED_REPLY),
         ("SET_LOG_BASE without LOG_SHMFD", code(R::SET_LOG_BASE), VERSION | FLAG_NEED_REPLY),
@@ -213,6 +212,15 @@ fn unknown_and_unsupported_requests_are_refused_or_close_the_connection() {
         g.conn().send_raw(request, flags, &[], &[]).unwrap();
         h.done(g, case, After::Closed);
     }
+
+    // A known request whose protocol feature was not negotiated, without a way to say no: it
+    // is logged and ignored, and the session goes on.
+    let case = "SET_INFLIGHT_FD, not negotiated, without NEED_REPLY";
+    let mut g = h.guest();
+    g.conn()
+        .send_raw(code(R::SET_INFLIGHT_FD), VERSION, &[], &[])
+        .unwrap();
+    h.done(g, case, After::Serves);
 
     let case = "an unknown request with NEED_REPLY when REPLY_ACK is not negotiated";
     let protocol = outboard_frontend::device::default_protocol_features() - P::REPLY_ACK;
@@ -1081,4 +1089,70 @@ fn sigterm_ends_the_program_while_a_state_load_waits_for_the_frontend() {
     std::thread::sleep(Duration::from_millis(100));
     let status = h.b.backend.terminate();
     assert!(status.success(), "exit status {status}");
+}
+
+/// A frontend that stalls a state transfer (a load pipe it never closes, a save pipe it never
+/// reads) and then hangs up does not keep the backend: the control thread notices the hang-up
+/// while CHECK_DEVICE_STATE waits, abandoned transfer threads are cancelled and joined, and the
+/// next frontend is served. Repeated, the backend's thread count does not grow.
+#[test]
+fn a_frontend_that_hangs_up_during_a_stalled_transfer_leaves_no_thread_behind() {
+    let mut h = Hostile::start("state-hangup", &[]);
+    let protocol =
+        outboard_frontend::device::default_protocol_features() | P::LOG_SHMFD | P::DEVICE_STATE;
+    let pid = h.b.backend.child.id();
+    let baseline = common::proc::threads(pid).len();
+    for round in 0..5 {
+        // A load that waits on a pipe the frontend keeps, checked, then a hang-up.
+        let mut g = h.guest_with(h.builder().protocol_features(protocol));
+        let (rd, wr) = pipe();
+        let payload = [1u32.to_ne_bytes(), 0u32.to_ne_bytes()].concat();
+        g.conn()
+            .raw_request(
+                code(R::SET_DEVICE_STATE_FD),
+                VERSION,
+                &payload,
+                &[rd.as_raw_fd()],
+            )
+            .unwrap()
+            .expect("SET_DEVICE_STATE_FD replies");
+        drop(rd);
+        g.conn()
+            .send_raw(code(R::CHECK_DEVICE_STATE), VERSION, &[], &[])
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(50));
+        // The hang-up (before the driver's own teardown, which would wait for replies).
+        g.conn().shutdown();
+        drop(g);
+        // A save into a pipe nobody reads, never checked, then a hang-up.
+        let mut g = h.guest_with(h.builder().protocol_features(protocol));
+        let (rd2, wr2) = pipe();
+        let payload = [0u32.to_ne_bytes(), 0u32.to_ne_bytes()].concat();
+        g.conn()
+            .raw_request(
+                code(R::SET_DEVICE_STATE_FD),
+                VERSION,
+                &payload,
+                &[wr2.as_raw_fd()],
+            )
+            .unwrap()
+            .expect("SET_DEVICE_STATE_FD replies");
+        drop(wr2);
+        g.conn().shutdown();
+        drop(g);
+        // The next frontend is served, with the stalled pipes still open on our side.
+        let g = h.guest();
+        h.done(
+            g,
+            &format!("after stalled transfers, round {round}"),
+            After::Serves,
+        );
+        drop((wr, rd2));
+    }
+    std::thread::sleep(Duration::from_millis(100));
+    let now = common::proc::threads(pid).len();
+    assert!(
+        now <= baseline,
+        "transfer threads left behind: {baseline} threads before, {now} after"
+    );
 }

@@ -135,6 +135,11 @@ pub struct VhostUserBackend {
     /// The log from SET_LOG_BASE.
     log: Option<Arc<DirtyLog>>,
     transfer: Option<Transfer>,
+    /// Written to make the running transfer thread give up (a frontend that neither drains nor
+    /// closes its end must not keep a thread forever).
+    transfer_cancel: Option<EventFd>,
+    /// A duplicate of the frontend's socket, to notice a hang-up while waiting for a transfer.
+    peer: Option<UnixStream>,
     /// Where each ring stood when a SET_STATUS 0 reset the device, for the GET_VRING_BASE that
     /// QEMU 7.2/8.0 send after it (see the SET_STATUS handler). Indexed by queue; an entry is
     /// dropped once its ring is set up again.
@@ -162,6 +167,8 @@ impl VhostUserBackend {
             log_all: false,
             log: None,
             transfer: None,
+            transfer_cancel: None,
+            peer: None,
             reset_bases: Vec::new(),
             inflight: None,
             upgrade: None,
@@ -222,6 +229,7 @@ impl VhostUserBackend {
         stream: &UnixStream,
         shutdown: &EventFd,
     ) -> Result<SessionEnd, TransportError> {
+        self.peer = stream.try_clone().ok();
         loop {
             match wait_readable(stream.as_fd(), shutdown, self.upgrade_fd())? {
                 Ready::Shutdown => return Ok(SessionEnd::Shutdown),
@@ -258,7 +266,8 @@ impl VhostUserBackend {
         self.owned = false;
         self.log_all = false;
         self.log = None;
-        self.transfer = None;
+        self.cancel_transfer();
+        self.peer = None;
         self.reset_bases.clear();
         self.inflight = None;
         self.framework.set_inflight(None);
@@ -676,28 +685,42 @@ impl VhostUserBackend {
         const SAVE: u32 = 0;
         const LOAD: u32 = 1;
         const STOPPED: u32 = 0;
-        if let Some(old) = self.transfer.take() {
+        if self.transfer.is_some() {
             log::warn!("a new state transfer replaces one that was never checked");
-            drop(old);
+            self.cancel_transfer();
         }
         if phase != STOPPED {
             log::warn!("state transfer phase {phase} is not supported");
             return STATE_NO_FD | STATE_FAILED;
         }
         let file = std::fs::File::from(fd);
+        let cancel = match EventFd::new(vmm_sys_util::eventfd::EFD_NONBLOCK)
+            .and_then(|e| Ok((e.try_clone()?, e)))
+        {
+            Ok((mine, theirs)) => {
+                self.transfer_cancel = Some(mine);
+                theirs
+            }
+            Err(e) => {
+                log::warn!("device state transfer cannot start: no cancel eventfd: {e}");
+                self.transfer = Some(Transfer::Failed(format!("no cancel eventfd: {e}")));
+                return STATE_NO_FD;
+            }
+        };
         let transfer = match direction {
             SAVE => match self.framework.save_state(self.config.compat_version) {
                 Ok(state) => match state.encode() {
                     Ok(blob) => {
                         log::info!("saving {} bytes of device state", blob.len());
-                        spawn_transfer("state-save", move || write_state(file, &blob))
+                        spawn_transfer("state-save", move || write_state(file, &blob, &cancel))
                             .map(Transfer::Save)
                     }
                     Err(e) => Err(e.to_string()),
                 },
                 Err(e) => Err(e.to_string()),
             },
-            LOAD => spawn_transfer("state-load", move || read_state(file)).map(Transfer::Load),
+            LOAD => spawn_transfer("state-load", move || read_state(file, &cancel))
+                .map(Transfer::Load),
             other => Err(format!("unknown transfer direction {other}")),
         };
         self.transfer = Some(transfer.unwrap_or_else(|e| {
@@ -726,14 +749,42 @@ impl VhostUserBackend {
                 std::thread::yield_now();
                 continue;
             }
-            let mut fds = [PollFd::new(borrow_eventfd(shutdown), PollFlags::POLLIN)];
+            let mut fds = vec![PollFd::new(borrow_eventfd(shutdown), PollFlags::POLLIN)];
+            if let Some(peer) = &self.peer {
+                fds.push(PollFd::new(
+                    peer.as_fd(),
+                    PollFlags::from_bits_retain(libc::POLLRDHUP),
+                ));
+            }
             if let Ok(n) = poll(&mut fds, PollTimeout::from(1u8)) {
                 if n > 0 {
+                    if fds.len() > 1 && fds[0].revents().is_none_or(|r| r.is_empty()) {
+                        log::warn!("the frontend hung up while a device state transfer waited");
+                    }
                     return false;
                 }
             }
         }
         true
+    }
+
+    /// Makes the running transfer thread (if any) give up, and waits for it.
+    fn cancel_transfer(&mut self) {
+        if let Some(c) = self.transfer_cancel.take() {
+            if let Err(e) = c.write(1) {
+                log::error!("cannot cancel the device state transfer: {e}");
+            }
+        }
+        let outcome = match self.transfer.take() {
+            Some(Transfer::Save(t)) => t.join().map(|r| r.err()),
+            Some(Transfer::Load(t)) => t.join().map(|r| r.err()),
+            Some(Transfer::Failed(_)) | None => Ok(None),
+        };
+        match outcome {
+            Ok(Some(e)) => log::info!("device state transfer abandoned: {e}"),
+            Ok(None) => {}
+            Err(_) => log::error!("the device state transfer thread panicked"),
+        }
     }
 
     fn finish_transfer(&mut self) -> u64 {
@@ -904,25 +955,73 @@ fn spawn_transfer<T: Send + 'static>(
         .map_err(|e| format!("cannot start the {name} thread: {e}"))
 }
 
-fn write_state(mut file: std::fs::File, blob: &[u8]) -> std::io::Result<()> {
+/// Waits until `file` is ready for `events` or `cancel` is written (an error then).
+fn wait_transfer_fd(
+    file: &std::fs::File,
+    events: PollFlags,
+    cancel: &EventFd,
+) -> std::io::Result<()> {
+    loop {
+        let mut fds = [
+            PollFd::new(file.as_fd(), events),
+            PollFd::new(borrow_eventfd(cancel), PollFlags::POLLIN),
+        ];
+        match poll(&mut fds, PollTimeout::NONE) {
+            Ok(_) => {}
+            Err(nix::Error::EINTR) => continue,
+            Err(e) => return Err(e.into()),
+        }
+        if fds[1].revents().is_some_and(|r| !r.is_empty()) {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::Interrupted,
+                "the transfer was cancelled",
+            ));
+        }
+        // Ready, or an error or hang-up that the read or write reports.
+        if fds[0].revents().is_some_and(|r| !r.is_empty()) {
+            return Ok(());
+        }
+    }
+}
+
+/// Writes `blob` to the frontend's fd a page at a time, each write after the fd said it has
+/// room (a pipe then takes a page without blocking), so that `cancel` is always heard.
+fn write_state(mut file: std::fs::File, blob: &[u8], cancel: &EventFd) -> std::io::Result<()> {
     use std::io::Write;
-    file.write_all(blob)
+    let mut rest = blob;
+    while !rest.is_empty() {
+        wait_transfer_fd(&file, PollFlags::POLLOUT, cancel)?;
+        let n = file.write(&rest[..rest.len().min(4096)])?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        rest = &rest[n..];
+    }
+    Ok(())
     // Closing the fd tells the frontend the state is complete.
 }
 
-fn read_state(file: std::fs::File) -> std::io::Result<Vec<u8>> {
+/// Reads the state from the frontend's fd until end of file, each read after the fd said it
+/// has data, so that `cancel` is always heard.
+fn read_state(mut file: std::fs::File, cancel: &EventFd) -> std::io::Result<Vec<u8>> {
     use std::io::Read;
     let mut blob = Vec::new();
-    // One byte past the cap tells an oversized state apart from one exactly at it.
-    file.take(MAX_STATE_SIZE as u64 + 1)
-        .read_to_end(&mut blob)?;
-    if blob.len() > MAX_STATE_SIZE {
-        return Err(std::io::Error::new(
-            std::io::ErrorKind::InvalidData,
-            format!("the state exceeds {MAX_STATE_SIZE} bytes"),
-        ));
+    let mut buf = vec![0u8; 64 << 10];
+    loop {
+        wait_transfer_fd(&file, PollFlags::POLLIN, cancel)?;
+        let n = file.read(&mut buf)?;
+        if n == 0 {
+            return Ok(blob);
+        }
+        // One byte past the cap tells an oversized state apart from one exactly at it.
+        if blob.len() + n > MAX_STATE_SIZE {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("the state exceeds {MAX_STATE_SIZE} bytes"),
+            ));
+        }
+        blob.extend_from_slice(&buf[..n]);
     }
-    Ok(blob)
 }
 
 /// Requests whose reply is their own (not a REPLY_ACK).
