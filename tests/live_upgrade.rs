@@ -232,6 +232,18 @@ fn three_hundred_live_upgrades_under_load_lose_no_write_and_never_disconnect() {
         driver.join().unwrap()
     });
     let elapsed = started.elapsed();
+    // What each old process measured: from accepting the new one to its TAKEN.
+    let mut handover_us: Vec<u64> = (0..UPGRADES)
+        .filter_map(|n| {
+            let log = std::fs::read_to_string(s.dir.path(&format!("b{n}.log"))).ok()?;
+            let line = log
+                .lines()
+                .find(|l| l.contains("the device belongs to the new process"))?;
+            line.split('(').nth(1)?.split(' ').next()?.parse().ok()
+        })
+        .collect();
+    assert_eq!(handover_us.len(), UPGRADES, "every old backend logged its handover");
+    handover_us.sort();
     let mut pauses: Vec<Duration> = windows
         .iter()
         .map(|&(a, b)| pause_in(&seen, a, b))
@@ -240,8 +252,11 @@ fn three_hundred_live_upgrades_under_load_lose_no_write_and_never_disconnect() {
     let median = pauses[pauses.len() / 2];
     let max = *pauses.last().unwrap();
     println!(
-        "{UPGRADES} live upgrades in {elapsed:.2?}: {} requests, {} writes, {round_trips} GET_CONFIG round trips; pause seen by the frontend: median {median:.2?}, max {max:.2?}",
-        w.counts.completed, w.counts.writes
+        "{UPGRADES} live upgrades in {elapsed:.2?}: {} requests, {} writes, {round_trips} GET_CONFIG round trips; pause seen by the frontend: median {median:.2?}, max {max:.2?}; handover in the old process (request to TAKEN): median {} µs, max {} µs",
+        w.counts.completed,
+        w.counts.writes,
+        handover_us[UPGRADES / 2],
+        handover_us[UPGRADES - 1]
     );
     assert!(w.counts.writes > 1000, "{:?}", w.counts);
     assert!(max < Duration::from_secs(2), "a pause of {max:?}");
