@@ -517,18 +517,26 @@ fn qemu_guest_fio_verify_survives_sigkill_restarts_and_a_live_upgrade() {
         guest_pauses.push(slowest);
     }
     println!(
-        "{:<36} {:>14} {:>26}",
-        "event (time since fio started)", "backend pause", "guest's slowest request"
+        "{:<44} {:>13} {:>15} {:>30}",
+        "event (time since fio started)",
+        "backend pause",
+        "after connect",
+        "guest's slowest request"
     );
     for (r, (t, lat)) in restarts.iter().zip(&guest_pauses) {
         println!(
-            "{:<36} {:>11} ms {:>11} ms at fio+{:.1}s",
+            "{:<44} {:>10} ms {:>12} {:>11} ms at fio+{:.1}s",
             format!("{:?} at +{:.1}s", r.event, r.at.as_secs_f64()),
             r.backend_pause.as_millis(),
+            setup_after_connect(&r.log).map_or("-".into(), |ms| format!("{ms} ms")),
             lat.as_millis(),
             t.as_secs_f64()
         );
     }
+    println!(
+        "(backend pause: host time from the kill, or the upgrade's start, to the new process's \
+         workers running; after connect: its part after QEMU connected, from its log)"
+    );
     let slow: Vec<String> = windows
         .iter()
         .filter(|(_, lat)| *lat > Duration::from_millis(300))
@@ -555,8 +563,11 @@ fn qemu_guest_fio_verify_survives_sigkill_restarts_and_a_live_upgrade() {
             .collect()
     };
     println!(
-        "SIGKILL restarts: backend pause {}; guest's slowest request {}",
+        "SIGKILL restarts: backend pause {} (after QEMU connected: {}); guest's slowest request {}",
         ms(kills_only(&|i| restarts[i].backend_pause)),
+        ms(kills_only(&|i| {
+            Duration::from_millis(setup_after_connect(&restarts[i].log).unwrap_or(0))
+        })),
         ms(kills_only(&|i| guest_pauses[i].1))
     );
     let stale = restarts
@@ -616,6 +627,28 @@ fn latmax(results: &str) -> Vec<(Duration, Duration)> {
             Some((Duration::from_millis(ms), Duration::from_nanos(ns)))
         })
         .collect()
+}
+
+/// From a restarted backend's log: milliseconds from QEMU connecting to the first queue
+/// worker running (log timestamps have millisecond precision).
+fn setup_after_connect(log: &str) -> Option<u64> {
+    let time_of = |needle: &str| {
+        log.lines()
+            .find(|l| l.contains(needle))
+            .and_then(log_time_ms)
+    };
+    time_of(WORKER_STARTED)?.checked_sub(time_of("frontend connected")?)
+}
+
+/// The time of day of a log line `[2026-11-22T03:18:05.713Z ...`, in milliseconds.
+fn log_time_ms(line: &str) -> Option<u64> {
+    let (_, rest) = line.split_once('T')?;
+    let hms = rest.get(..12)?; // 03:18:05.713
+    let (h, rest) = hms.split_once(':')?;
+    let (m, rest) = rest.split_once(':')?;
+    let (sec, ms) = rest.split_once('.')?;
+    let v = |x: &str| x.parse::<u64>().ok();
+    Some(((v(h)? * 60 + v(m)?) * 60 + v(sec)?) * 1000 + v(ms)?)
 }
 
 /// The `p`-th percentile of `v` (nearest rank); zero for an empty `v`.
