@@ -104,6 +104,7 @@ fn every_engine_and_option_serves_io_under_the_kill_filter() {
         (&["--num-queues", "2"], 2),
         (&["--engine", "sync", "--num-queues", "2"], 2),
         (&["--num-queues", "2", "--threads", "1"], 2),
+        (&["--poll-us", "0"], 1),
         (&["--poll-us", "100"], 1),
         (&["--engine", "sync", "--poll-us", "100"], 1),
         (&["--direct"], 1),

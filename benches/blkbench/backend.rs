@@ -181,9 +181,8 @@ impl Launcher {
                 if let Some(t) = threads {
                     cmd.extend(["--threads".into(), t.to_string()]);
                 }
-                if poll_us > 0 {
-                    cmd.extend(["--poll-us".into(), poll_us.to_string()]);
-                }
+                // Always explicit: the program's default polls.
+                cmd.extend(["--poll-us".into(), poll_us.to_string()]);
                 if engine == Engine::Sync {
                     cmd.extend(["--engine".into(), "sync".into()]);
                 }

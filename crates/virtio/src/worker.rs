@@ -292,6 +292,11 @@ impl<H: QueueHandler> WorkerLoop<H> {
     /// A handler that completes everything inline has nobody to yield to, and spins.
     fn poll(&mut self, mem: &Arc<GuestMemoryMmap>, mut idle_since: Instant) -> PollEnd {
         let yield_when_idle = self.handler.completion_fd().is_some();
+        // The snapshot can change while the worker polls (a region added or removed): every
+        // request is parsed in a snapshot taken after the request was seen, so that memory the
+        // frontend was told is mapped (the reply to ADD_MEM_REG) is there for it.
+        let mut mem = mem.clone();
+        let mem = &mut mem;
         for i in 0..self.queues.len() {
             self.park(i, mem);
         }
@@ -304,6 +309,7 @@ impl<H: QueueHandler> WorkerLoop<H> {
             );
             for i in 0..self.queues.len() {
                 if !self.broken[i] && self.queues[i].has_available(mem).unwrap_or(false) {
+                    self.refresh(mem);
                     self.process(i, mem);
                     // Processing turned notifications back on.
                     self.park(i, mem);
@@ -334,11 +340,22 @@ impl<H: QueueHandler> WorkerLoop<H> {
             // Buffers made available while notifications were parked came without a kick.
             match self.queues[i].queue_mut().enable_notification(mem.as_ref()) {
                 Ok(false) => {}
-                Ok(true) => self.process(i, mem),
+                Ok(true) => {
+                    self.refresh(mem);
+                    self.process(i, mem)
+                }
                 Err(e) => self.fail(i, &e),
             }
         }
         end
+    }
+
+    /// Replaces `mem` with the current snapshot if the memory table changed since it was taken.
+    fn refresh(&self, mem: &mut Arc<GuestMemoryMmap>) {
+        let current = self.ctx.memory.memory();
+        if !std::ptr::eq(&*current, Arc::as_ptr(mem)) {
+            *mem = current.into_inner();
+        }
     }
 
     /// Parks the driver's notifications of queue `i` while the worker polls it.
