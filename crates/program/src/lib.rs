@@ -400,8 +400,12 @@ pub fn open_socket(source: SocketSource) -> anyhow::Result<ServingSocket> {
 
 fn remove_stale_socket(path: &Path) -> anyhow::Result<()> {
     match std::fs::symlink_metadata(path) {
-        Ok(m) if m.file_type().is_socket() => std::fs::remove_file(path)
-            .with_context(|| format!("cannot remove the stale socket {}", path.display())),
+        Ok(m) if m.file_type().is_socket() => match std::fs::remove_file(path) {
+            // The socket reaper of a killed predecessor removes the same file as this process
+            // restarts: gone is what was wanted.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            r => r.with_context(|| format!("cannot remove the stale socket {}", path.display())),
+        },
         Ok(_) => anyhow::bail!("{} exists and is not a socket", path.display()),
         Err(_) => Ok(()),
     }
