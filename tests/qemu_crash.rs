@@ -357,6 +357,19 @@ fn qemu_guest_fio_verify_survives_sigkill_restarts_and_a_live_upgrade() {
         let mut stale_socket = None;
         let mut next = match event {
             Event::Kill | Event::KillAtFault(_) => {
+                // Every other kill holds the dead process's socket reapers back until the new
+                // process has bound the same paths: the new process must replace the stale
+                // file, and the old reaper, let go afterwards, must leave the new file alone
+                // (it removes only the file its process bound). The other kills leave the
+                // reapers to race the restart as they would.
+                let held = if i % 2 == 0 {
+                    reapers(&gen.log_text())
+                } else {
+                    Vec::new()
+                };
+                for &pid in &held {
+                    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).unwrap();
+                }
                 nix::sys::signal::kill(gen.pid(), nix::sys::signal::Signal::SIGKILL).unwrap();
                 let status = gen
                     .wait_exit(Duration::from_secs(10))
@@ -366,11 +379,23 @@ fn qemu_guest_fio_verify_survives_sigkill_restarts_and_a_live_upgrade() {
                     Some(libc::SIGKILL),
                     "{status}"
                 );
-                // Restart at once on the same path: the old socket file may still be there
-                // (its reaper runs as the process dies), and the new process must bind anyway.
+                // Restart at once on the same path.
                 stale_socket = Some(setup.socket.exists());
                 let mut next = setup.spawn(i + 1, false, next_fault);
                 wait_log(&mut next, "listening on", LOG_LIMIT, "restarted backend");
+                if !held.is_empty() {
+                    assert_eq!(stale_socket, Some(true), "the held reaper removed the file");
+                    for &pid in &held {
+                        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGCONT).unwrap();
+                    }
+                    for &pid in &held {
+                        wait_gone(pid, Duration::from_secs(10));
+                    }
+                    assert!(
+                        setup.socket.exists() && setup.upgrade.exists(),
+                        "the killed process's reapers removed the new process's socket files"
+                    );
+                }
                 next
             }
             Event::Upgrade => {
@@ -575,8 +600,8 @@ fn qemu_guest_fio_verify_survives_sigkill_restarts_and_a_live_upgrade() {
         .filter(|r| r.stale_socket == Some(true))
         .count();
     println!(
-        "the killed process's socket file was still there at {stale} of {kills} restarts (the \
-         new process replaced it; the old reaper left the new file alone)"
+        "the killed process's socket file was still there at {stale} of {kills} restarts (at \
+         every other one its reapers were held back until the new process had bound the path)"
     );
     println!(
         "{kills} kills ({resubmitted} restart(s) resubmitted requests), 1 live upgrade, all within fio+{:.1}s; whole test {:.1}s",
@@ -627,6 +652,42 @@ fn latmax(results: &str) -> Vec<(Duration, Duration)> {
             Some((Duration::from_millis(ms), Duration::from_nanos(ns)))
         })
         .collect()
+}
+
+/// The socket reapers a backend's debug log names (`sandbox: process N will remove PATH at
+/// exit`).
+fn reapers(log: &str) -> Vec<nix::unistd::Pid> {
+    let pids: Vec<nix::unistd::Pid> = log
+        .lines()
+        .filter_map(|l| {
+            l.split_once("sandbox: process ")?
+                .1
+                .split_once(" will remove ")
+        })
+        .filter_map(|(pid, _)| pid.parse().ok())
+        .map(nix::unistd::Pid::from_raw)
+        .collect();
+    assert_eq!(pids.len(), 2, "a reaper per socket file in:\n{log}");
+    pids
+}
+
+/// Waits until `pid` has exited (gone, or a zombie of another parent).
+fn wait_gone(pid: nix::unistd::Pid, limit: Duration) {
+    let deadline = Instant::now() + limit;
+    loop {
+        let state = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .ok()
+            .and_then(|s| {
+                s.rsplit_once(')')
+                    .map(|(_, r)| r.trim_start().chars().next())
+            })
+            .flatten();
+        if matches!(state, None | Some('Z') | Some('X')) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "reaper {pid} did not exit");
+        std::thread::sleep(Duration::from_millis(5));
+    }
 }
 
 /// From a restarted backend's log: milliseconds from QEMU connecting to the first queue
