@@ -13,6 +13,7 @@ use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
 
+use io_uring::register::Restriction;
 use io_uring::{opcode, squeue, types, IoUring};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
@@ -35,7 +36,8 @@ struct Slot {
 pub(crate) struct UringEngine {
     ring: IoUring,
     eventfd: EventFd,
-    file: Arc<File>,
+    /// The disk, open as long as the engine (the ring holds its own reference as well).
+    _file: Arc<File>,
     slots: Vec<Option<Slot>>,
     free: Vec<usize>,
     /// Slots waiting for room in the submission queue (new, or resubmitted after a short
@@ -63,14 +65,45 @@ impl std::fmt::Debug for UringEngine {
     }
 }
 
+/// Registers the disk as the ring's only file and restricts the ring (IORING_REGISTER_RESTRICTIONS)
+/// to what the engine submits: readv, writev, write, fsync and fallocate, each on that fixed
+/// file; no other opcode, no flag but IOSQE_FIXED_FILE, no register operation once enabled. A
+/// compromised worker cannot use the ring to open, read or write anything else (seccomp does not
+/// see the operations a ring carries out). Then enables the ring.
+fn restrict(ring: &IoUring, disk: RawFd) -> Result<(), StorageError> {
+    let ring_err = |what| move |source| StorageError::Ring { what, source };
+    let submitter = ring.submitter();
+    submitter
+        .register_files(&[disk])
+        .map_err(ring_err("registering the disk file"))?;
+    let mut restrictions = [
+        Restriction::sqe_op(opcode::Readv::CODE),
+        Restriction::sqe_op(opcode::Writev::CODE),
+        Restriction::sqe_op(opcode::Write::CODE),
+        Restriction::sqe_op(opcode::Fsync::CODE),
+        Restriction::sqe_op(opcode::Fallocate::CODE),
+        Restriction::sqe_flags_required(squeue::Flags::FIXED_FILE.bits()),
+    ];
+    submitter
+        .register_restrictions(&mut restrictions)
+        .map_err(ring_err("restricting the ring"))?;
+    submitter
+        .register_enable_rings()
+        .map_err(ring_err("enabling the ring"))
+}
+
 impl UringEngine {
     /// A ring of `depth` entries (clamped to 8..=4096) on `file`, its completions signalled on a
     /// new eventfd.
     pub fn new(file: Arc<File>, depth: u32) -> Result<Self, StorageError> {
-        let ring = IoUring::new(depth.clamp(8, 4096)).map_err(|source| StorageError::Ring {
-            what: "setup",
-            source,
-        })?;
+        // Created disabled, so that it can be restricted before it runs anything.
+        let ring = IoUring::builder()
+            .setup_r_disabled()
+            .build(depth.clamp(8, 4096))
+            .map_err(|source| StorageError::Ring {
+                what: "setup",
+                source,
+            })?;
         let eventfd = EventFd::new(EFD_NONBLOCK).map_err(|source| StorageError::Ring {
             what: "eventfd creation",
             source,
@@ -81,11 +114,12 @@ impl UringEngine {
                 what: "eventfd registration",
                 source,
             })?;
+        restrict(&ring, file.as_raw_fd())?;
         let max_in_kernel = ring.params().cq_entries() as usize;
         Ok(UringEngine {
             ring,
             eventfd,
-            file,
+            _file: file,
             slots: Vec::new(),
             free: Vec::new(),
             backlog: VecDeque::new(),
@@ -114,7 +148,8 @@ impl UringEngine {
 
     /// The submission queue entry for slot `id` in its current state.
     fn entry(&self, id: usize, slot: &Slot) -> squeue::Entry {
-        let fd = types::Fd(self.file.as_raw_fd());
+        // The disk is the ring's only registered file, and the only one it may use.
+        let fd = types::Fixed(0);
         let entry = match &slot.op {
             Op::Read { offset, bufs } => {
                 let iov = bufs.pending();
@@ -397,6 +432,32 @@ mod tests {
     use crate::Segment;
     use outboard_virtio::GuestMemoryMmap;
     use vm_memory::{Bytes, GuestAddress};
+
+    #[test]
+    fn the_ring_refuses_other_files_and_other_operations() {
+        let f = temp_file(4096, 0);
+        let mut e = engine(&f);
+        let other = temp_file(4096, 1);
+        let mut buf = [0u8; 16];
+        let attempts = [
+            // A read of a file that is not the registered disk.
+            opcode::Read::new(types::Fd(other.as_file().as_raw_fd()), buf.as_mut_ptr(), 16).build(),
+            // An operation the engine never submits, even on the disk.
+            opcode::Fadvise::new(types::Fixed(0), 16, libc::POSIX_FADV_NORMAL).build(),
+            opcode::Nop::new().build(),
+        ];
+        for (i, sqe) in attempts.into_iter().enumerate() {
+            // SAFETY: the entry points at `buf`, which outlives the wait for its completion.
+            unsafe { e.ring.submission().push(&sqe.user_data(1000 + i as u64)) }.unwrap();
+            e.ring.submit_and_wait(1).unwrap();
+            let cqe = e.ring.completion().next().expect("a completion");
+            assert_eq!(
+                cqe.result(),
+                -libc::EACCES,
+                "attempt {i} must be refused by the ring's restrictions"
+            );
+        }
+    }
 
     fn engine(file: &vmm_sys_util::tempfile::TempFile) -> UringEngine {
         let file = Arc::new(file.as_file().try_clone().unwrap());
