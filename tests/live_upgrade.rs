@@ -242,7 +242,11 @@ fn three_hundred_live_upgrades_under_load_lose_no_write_and_never_disconnect() {
             line.split('(').nth(1)?.split(' ').next()?.parse().ok()
         })
         .collect();
-    assert_eq!(handover_us.len(), UPGRADES, "every old backend logged its handover");
+    assert_eq!(
+        handover_us.len(),
+        UPGRADES,
+        "every old backend logged its handover"
+    );
     handover_us.sort();
     let mut pauses: Vec<Duration> = windows
         .iter()
@@ -259,15 +263,20 @@ fn three_hundred_live_upgrades_under_load_lose_no_write_and_never_disconnect() {
         handover_us[UPGRADES - 1]
     );
     assert!(w.counts.writes > 1000, "{:?}", w.counts);
-    assert!(max < Duration::from_secs(2), "a pause of {max:?}");
+    // Typically a few milliseconds; on a 2-CPU machine loaded by other test suites (load
+    // average 15) single pauses reached 0.9 s, so only a stall is a failure here.
+    assert!(max < Duration::from_secs(5), "a pause of {max:?}");
     // The last backend serves the read-back, then ends; the socket files go with it.
     finish(w);
     let mut last = old.unwrap();
     assert!(terminate(&mut last).success());
-    assert!(
-        !s.socket.exists() && !s.upgrade.exists(),
-        "socket files left behind"
-    );
+    // The first process's reapers (orphans now) remove them once the last holder of their
+    // pipes is gone.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while s.socket.exists() || s.upgrade.exists() {
+        assert!(Instant::now() < deadline, "socket files left behind");
+        std::thread::sleep(Duration::from_millis(5));
+    }
 }
 
 /// Sets the flag when dropped, also when a test fails, so that the driving thread stops.
@@ -379,6 +388,11 @@ fn the_old_backend_resumes_when_the_new_one_vanishes_or_talks_nonsense() {
             }
             old.assert_alive();
         });
+        // The old backend runs the device again: requests complete.
+        let before = w.counts.completed;
+        w.run(100, Duration::from_secs(10))
+            .expect("the old backend serves after an abandoned handover");
+        assert!(w.counts.completed >= before + 100);
         progress.push(w.counts.completed);
     }
     assert!(
@@ -389,4 +403,110 @@ fn the_old_backend_resumes_when_the_new_one_vanishes_or_talks_nonsense() {
     assert!(log.matches("resuming the device").count() >= 5, "{log}");
     finish(w);
     assert!(old.terminate().success());
+}
+
+#[test]
+fn an_upgraded_backend_keeps_the_dirty_log_and_the_inflight_record() {
+    use outboard_frontend::migration::migration_protocol_features;
+    use outboard_frontend::DirtyLog;
+    use vhost::vhost_user::VhostUserProtocolFeatures;
+    let s = Setup::new("upgrade-log");
+    let mut first = s.start(&[]);
+    let builder = SessionBuilder::new(&s.socket)
+        .queues(QUEUES)
+        .protocol_features(
+            migration_protocol_features() | VhostUserProtocolFeatures::INFLIGHT_SHMFD,
+        );
+    let driver = BlkDriver::connect(builder).expect("connect");
+    let mut w = Workload::new(driver, DISK / 4096, DEPTH, 0x10c).expect("workload");
+    assert!(
+        w.driver.session().has_inflight(),
+        "INFLIGHT_SHMFD negotiated"
+    );
+    let log = DirtyLog::for_ram(w.driver.session().ram()).unwrap();
+    w.driver.session().start_dirty_log(&log).unwrap();
+    log.clear();
+    w.take_device_pages();
+    // Twenty upgrades while the frontend migrates (logging on) and keeps an inflight record.
+    let mut old: Option<Child> = None;
+    under_load(&mut w, || {
+        for n in 1..=20 {
+            let (new, _) = s.upgrade_from(n, &[]);
+            match old.as_mut() {
+                Some(o) => assert!(wait_exit(o, "old", Duration::from_secs(20)).success()),
+                None => assert!(first.wait_exit(Duration::from_secs(20)).success()),
+            }
+            old = Some(new);
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    });
+    // Every page the devices wrote (read data, status bytes), whichever process wrote it, is
+    // in the frontend's log; then the same for the last process alone, which was handed the
+    // log by a process that was handed it in turn.
+    for phase in ["twenty upgrades", "the last process alone"] {
+        if phase == "the last process alone" {
+            w.drain(Duration::from_secs(10)).unwrap();
+            log.clear();
+            w.take_device_pages();
+            w.run(500, Duration::from_secs(10)).unwrap();
+        }
+        let pages = w.take_device_pages();
+        let dirty = log.take();
+        // The slots' buffers and status bytes, reused by every request.
+        assert!(
+            pages.len() >= usize::from(QUEUES),
+            "{phase}: {} pages",
+            pages.len()
+        );
+        let missing: Vec<_> = pages
+            .iter()
+            .filter(|(p, _)| !dirty.is_dirty(*p * 4096))
+            .collect();
+        assert!(
+            missing.is_empty(),
+            "{phase}: pages written but not logged: {missing:?}"
+        );
+    }
+    // An upgraded process records what it takes in the region it was handed: one more
+    // upgrade, to a process that stops its worker once a request's data is on the disk but not
+    // yet answered, is killed there; a fresh backend resubmits from the record.
+    w.drain(Duration::from_secs(10)).unwrap();
+    let (mut last, last_log) = s.upgrade_from(21, &["--fault-point", "after-storage-write@1:stop"]);
+    assert!(wait_exit(old.as_mut().unwrap(), "old", Duration::from_secs(20)).success());
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !std::fs::read_to_string(&last_log)
+        .unwrap_or_default()
+        .contains("after-storage-write reached")
+    {
+        assert!(Instant::now() < deadline, "the fault point was not reached");
+        w.fill().unwrap();
+        w.reap(WaitMode::Block(Duration::from_millis(2))).unwrap();
+    }
+    assert!(w.in_flight() > 0);
+    last.kill().unwrap();
+    last.wait().unwrap();
+    let mut fresh = Backend::start(
+        "vhost-user-blk",
+        &s.socket,
+        &[
+            vec![
+                "--socket-path".to_string(),
+                s.socket.to_str().unwrap().into(),
+            ],
+            s.device_args(&[]),
+        ]
+        .concat(),
+        s.dir.path("fresh.log"),
+    );
+    w.driver.session().reconnect().expect("reconnect");
+    w.drain(Duration::from_secs(10))
+        .expect("requests in flight at the kill complete");
+    let text = fresh.log_text();
+    assert!(
+        text.contains("an earlier process left in flight"),
+        "the fresh backend found nothing in the record:\n{text}"
+    );
+    w.run(2000, Duration::from_secs(10)).unwrap();
+    finish(w);
+    assert!(fresh.terminate().success());
 }
