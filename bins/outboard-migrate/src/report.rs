@@ -328,8 +328,13 @@ impl Report {
                 line(format!("        destination backend said: {b}"));
             }
             if let Some(n) = c.source_verified {
+                let unit = if self.frames.is_some() {
+                    "frames received in order"
+                } else {
+                    "requests verified"
+                };
                 line(format!(
-                    "        the source kept serving: {n} requests verified after the refusal"
+                    "        the source kept serving: {n} {unit} after the refusal"
                 ));
             }
         }
