@@ -10,6 +10,10 @@
 //! any frontend message. The sandbox is the launcher's business, not something a frontend
 //! negotiates, so it is not in the capability JSON.
 //!
+//! Live upgrade: started with `--upgrade-socket PATH`, the program hands its running device to
+//! a new binary started with `--upgrade-from PATH` (and the same device options), without the
+//! frontend seeing a disconnect (see `outboard_program::upgrade`).
+//!
 //! `--compat-version N` fixes the guest-visible device (see `outboard_blk::COMPAT_VERSIONS`) and
 //! the compat version written into saved device state; state of version N or older is loaded.
 //! The capability JSON is the vhost-user schema's `type` and `features`, plus an `outboard`
