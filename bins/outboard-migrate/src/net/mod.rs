@@ -20,9 +20,11 @@
 //! before that port's receive queue stops (GET_VRING_BASE replies after it, as far as the
 //! driver posted buffers). A switch process moves as a whole, so the runner stops every port's
 //! transmit queue before any receive queue (nothing enters the switch any more, and every
-//! receive queue then empties it), and on the destination starts every receive queue before any
-//! transmit queue (no frame reaches a port that is not up yet). Frames still in a transmit ring
-//! (avail past the base) are taken by the destination.
+//! receive queue then empties it), and on the destination starts every receive queue, and waits
+//! for a reply on every port (DRIVER_OK has none, and each port has its own control thread),
+//! before any transmit queue: no frame reaches a port that is not up yet (the switch drops
+//! those, as a real one does; without the wait 8 of 16 864 frames were lost in 100 migrations).
+//! Frames still in a transmit ring (avail past the base) are taken by the destination.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
