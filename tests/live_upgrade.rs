@@ -510,3 +510,44 @@ fn an_upgraded_backend_keeps_the_dirty_log_and_the_inflight_record() {
     finish(w);
     assert!(fresh.terminate().success());
 }
+
+#[test]
+fn upgrades_cross_sandbox_levels_and_the_socket_files_follow() {
+    let s = Setup::new("upgrade-levels");
+    // An unconfined backend removes its socket files itself; it hands their paths on, and a
+    // confined successor starts its own reapers for them. The namespace level's successor
+    // receives everything before it enters its namespaces.
+    let mut first = s.start(&["--sandbox", "none", "--seccomp", "none"]);
+    let mut w = connect(&s.socket);
+    let levels: [&[&str]; 3] = [
+        &["--sandbox", "namespace"],
+        &["--sandbox", "landlock", "--seccomp", "trap"],
+        &["--sandbox", "none", "--seccomp", "none"],
+    ];
+    let mut old: Option<Child> = None;
+    let mut logs = Vec::new();
+    under_load(&mut w, || {
+        for (n, extra) in levels.iter().enumerate() {
+            let (new, log) = s.upgrade_from(n + 1, extra);
+            let status = match old.as_mut() {
+                Some(o) => wait_exit(o, "old", Duration::from_secs(20)),
+                None => first.wait_exit(Duration::from_secs(20)),
+            };
+            assert!(status.success(), "{extra:?}: {status}");
+            assert!(s.socket.exists() && s.upgrade.exists(), "{extra:?}");
+            old = Some(new);
+            logs.push(log);
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    });
+    let text = std::fs::read_to_string(&logs[0]).unwrap();
+    assert!(text.contains("sandbox namespace"), "{text}");
+    finish(w);
+    let mut last = old.unwrap();
+    assert!(terminate(&mut last).success());
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while s.socket.exists() || s.upgrade.exists() {
+        assert!(Instant::now() < deadline, "socket files left behind");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
