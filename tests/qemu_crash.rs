@@ -28,6 +28,7 @@ mod common;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use common::{binary, TempDir};
@@ -267,44 +268,18 @@ fn qemu_guest_fio_verify_survives_sigkill_restarts_and_a_live_upgrade() {
     let mut gen = setup.spawn(0, false, arm_for(EVENTS[0], &mut rng));
     wait_log(&mut gen, "listening on", LOG_LIMIT, "first backend");
 
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/guest/run-crash-blk.sh");
-    let mut run = Command::new("bash")
-        .arg(script)
-        .arg(&setup.socket)
-        .arg(QUEUES.to_string())
-        .env("OUTBOARD_GUEST_OUT", &setup.out)
-        .env("OUTBOARD_CRASH_FIO_RUNTIME", FIO_RUNTIME.to_string())
-        .env("OUTBOARD_GUEST_TIMEOUT", "210")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("run the crash script");
-    let mut out = run.stdout.take().unwrap();
-    let mut err = run.stderr.take().unwrap();
-    let out_t = std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = out.read_to_string(&mut s);
-        s
-    });
-    let err_t = std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = err.read_to_string(&mut s);
-        s
-    });
-    let fail = |run: &mut Child, msg: String| stop_and_fail(run, msg, &setup);
+    let mut run = Script::start(&setup);
+    let fail = |run: &mut Script, msg: String| stop_and_fail(run, msg, &setup);
 
     // The guest runs fio.
     let fio_start = loop {
         if setup.results().contains("PHASE fio_running") {
             break Instant::now();
         }
-        if run.try_wait().unwrap().is_some() || started.elapsed() > FIO_START_LIMIT {
-            let _ = run.wait();
-            panic!(
-                "the guest did not start fio:\n{}\n{}",
-                out_t.join().unwrap(),
-                err_t.join().unwrap()
+        if run.child.try_wait().unwrap().is_some() || started.elapsed() > FIO_START_LIMIT {
+            fail(
+                &mut run,
+                format!("the guest did not start fio within {FIO_START_LIMIT:?}"),
             );
         }
         std::thread::sleep(Duration::from_millis(20));
@@ -446,7 +421,7 @@ fn qemu_guest_fio_verify_survives_sigkill_restarts_and_a_live_upgrade() {
     // The guest finishes on the last generation.
     let deadline = started + RUN_LIMIT;
     let status = loop {
-        if let Some(s) = run.try_wait().unwrap() {
+        if let Some(s) = run.child.try_wait().unwrap() {
             break s;
         }
         if Instant::now() > deadline {
@@ -463,8 +438,7 @@ fn qemu_guest_fio_verify_survives_sigkill_restarts_and_a_live_upgrade() {
         }
         std::thread::sleep(Duration::from_millis(200));
     };
-    let stdout = out_t.join().unwrap();
-    let stderr = err_t.join().unwrap();
+    let (stdout, stderr) = run.output();
     let elapsed = started.elapsed();
     println!("{stdout}");
     assert!(
@@ -625,17 +599,80 @@ fn qemu_guest_fio_verify_survives_sigkill_restarts_and_a_live_upgrade() {
     assert!(status.success(), "{status}\n{}", gen.log_text());
 }
 
-/// Stops the script (which takes QEMU along) and fails with `msg` and the guest's results.
-fn stop_and_fail(run: &mut Child, msg: String, setup: &Setup) -> ! {
-    let _ = nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(run.id() as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    );
-    let _ = run.wait();
+/// The guest run (`run-crash-blk.sh`), stopped with SIGTERM (it takes QEMU along) if the test
+/// ends before it does, so a failing test leaves no guest behind.
+struct Script {
+    child: Child,
+    output: Option<(JoinHandle<String>, JoinHandle<String>)>,
+}
+
+impl Script {
+    fn start(setup: &Setup) -> Script {
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/guest/run-crash-blk.sh");
+        let mut child = Command::new("bash")
+            .arg(script)
+            .arg(&setup.socket)
+            .arg(QUEUES.to_string())
+            .env("OUTBOARD_GUEST_OUT", &setup.out)
+            .env("OUTBOARD_CRASH_FIO_RUNTIME", FIO_RUNTIME.to_string())
+            .env("OUTBOARD_GUEST_TIMEOUT", "210")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("run the crash script");
+        // Both pipes drained on threads, so a chatty script never blocks.
+        let drain = |mut pipe: Box<dyn Read + Send>| {
+            std::thread::spawn(move || {
+                let mut s = String::new();
+                let _ = pipe.read_to_string(&mut s);
+                s
+            })
+        };
+        let out = drain(Box::new(child.stdout.take().unwrap()));
+        let err = drain(Box::new(child.stderr.take().unwrap()));
+        Script {
+            child,
+            output: Some((out, err)),
+        }
+    }
+
+    fn stop(&mut self) {
+        if self.child.try_wait().unwrap().is_some() {
+            return;
+        }
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while self.child.try_wait().unwrap().is_none() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// The script's stdout and stderr, once it has ended.
+    fn output(&mut self) -> (String, String) {
+        match self.output.take() {
+            Some((out, err)) => (out.join().unwrap(), err.join().unwrap()),
+            None => Default::default(),
+        }
+    }
+}
+
+impl Drop for Script {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Stops the script and fails with `msg`, what the script printed and the guest's results.
+fn stop_and_fail(run: &mut Script, msg: String, setup: &Setup) -> ! {
+    run.stop();
+    let (stdout, stderr) = run.output();
     panic!(
-        "{msg}\n--- results ---\n{}\n--- qemu ---\n{}",
-        setup.results(),
-        setup.qemu_log()
+        "{msg}\n--- script ---\n{stdout}\n{stderr}\n--- results ---\n{}",
+        setup.results()
     );
 }
 
