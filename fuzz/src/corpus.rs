@@ -827,6 +827,36 @@ pub fn vhost_user_session() -> Vec<Seed> {
     seeds
 }
 
+/// Seeds of `handover_receive`: the descriptor byte (how many of which kind), the frame byte
+/// (0: an honest HANDOVER header), then the metadata: the upgrade socket alone, and with the
+/// vhost-user listener, each with no frontend session.
+pub fn handover_receive() -> Vec<Seed> {
+    fn metadata(listeners: u32) -> Vec<u8> {
+        let mut m = b"OBHANDOV".to_vec();
+        m.extend_from_slice(&1u16.to_le_bytes()); // protocol version
+        m.extend_from_slice(&listeners.to_le_bytes()); // descriptor count
+        for (present, index) in [(true, 0u32), (listeners > 1, 1)] {
+            m.push(u8::from(present));
+            if present {
+                m.extend_from_slice(&index.to_le_bytes());
+                m.extend_from_slice(&0u32.to_le_bytes()); // no path
+                m.extend_from_slice(&u32::MAX.to_le_bytes()); // no reaper pipe
+            }
+        }
+        m.push(0); // no session
+        m
+    }
+    // Descriptor bytes: 25 is one listening socket, 10 two (see the target).
+    [("upgrade-socket", 25u8, 1u32), ("two-listeners", 10, 2)]
+        .into_iter()
+        .map(|(name, fds, listeners)| {
+            let mut seed = vec![fds, 0];
+            seed.extend_from_slice(&metadata(listeners));
+            (name.to_string(), seed)
+        })
+        .collect()
+}
+
 /// Every target's seeds.
 pub fn all() -> Vec<(&'static str, Vec<Seed>)> {
     vec![
@@ -836,5 +866,6 @@ pub fn all() -> Vec<(&'static str, Vec<Seed>)> {
         ("net_device", net_device()),
         ("state_load", state_load()),
         ("vhost_user_session", vhost_user_session()),
+        ("handover_receive", handover_receive()),
     ]
 }
