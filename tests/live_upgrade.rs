@@ -248,6 +248,16 @@ fn three_hundred_live_upgrades_under_load_lose_no_write_and_never_disconnect() {
         "every old backend logged its handover"
     );
     handover_us.sort();
+    // Where it goes: until the quiesce is done, and until TAKEN (the new process's part).
+    let mut quiesced_us: Vec<u64> = (0..UPGRADES)
+        .filter_map(|n| {
+            let log = std::fs::read_to_string(s.dir.path(&format!("b{n}.log"))).ok()?;
+            let line = log.lines().find(|l| l.contains("quiesced after"))?;
+            let after = line.split("quiesced after ").nth(1)?;
+            after.split(' ').next()?.parse().ok()
+        })
+        .collect();
+    quiesced_us.sort();
     let mut pauses: Vec<Duration> = windows
         .iter()
         .map(|&(a, b)| pause_in(&seen, a, b))
@@ -256,11 +266,12 @@ fn three_hundred_live_upgrades_under_load_lose_no_write_and_never_disconnect() {
     let median = pauses[pauses.len() / 2];
     let max = *pauses.last().unwrap();
     println!(
-        "{UPGRADES} live upgrades in {elapsed:.2?}: {} requests, {} writes, {round_trips} GET_CONFIG round trips; pause seen by the frontend: median {median:.2?}, max {max:.2?}; handover in the old process (request to TAKEN): median {} µs, max {} µs",
+        "{UPGRADES} live upgrades in {elapsed:.2?}: {} requests, {} writes, {round_trips} GET_CONFIG round trips; pause seen by the frontend: median {median:.2?}, max {max:.2?}; handover in the old process (request to TAKEN): median {} µs, max {} µs, of which until quiesced: median {} µs",
         w.counts.completed,
         w.counts.writes,
         handover_us[UPGRADES / 2],
-        handover_us[UPGRADES - 1]
+        handover_us[UPGRADES - 1],
+        quiesced_us.get(quiesced_us.len() / 2).copied().unwrap_or_default()
     );
     assert!(w.counts.writes > 1000, "{:?}", w.counts);
     // Typically a few milliseconds; on a 2-CPU machine loaded by other test suites (load

@@ -420,6 +420,7 @@ impl VhostUserBackend {
         connection: Option<&UnixStream>,
         shutdown: &EventFd,
     ) -> Result<(), HandoverError> {
+        let start = Instant::now();
         check_peer(sock)?;
         let hello = recv_frame(
             sock,
@@ -443,14 +444,25 @@ impl VhostUserBackend {
         }
         // Quiesce: every request taken from a ring completes, as for GET_VRING_BASE. Taking
         // the memory away keeps the device stopped until it is given back.
+        let hello_at = start.elapsed();
         let paused = connection.is_some() && self.memory.is_some();
         if paused {
             self.framework.set_memory(None);
         }
+        let quiesced_at = start.elapsed();
         let result = self.send_handover(sock, point, connection, shutdown);
-        if result.is_err() && paused {
-            log::info!("upgrade: resuming the device");
-            self.framework.set_memory(self.memory.clone());
+        match &result {
+            Ok(()) => log::info!(
+                "upgrade: HELLO after {} µs, quiesced after {} µs, confirmed after {} µs",
+                hello_at.as_micros(),
+                quiesced_at.as_micros(),
+                start.elapsed().as_micros()
+            ),
+            Err(_) if paused => {
+                log::info!("upgrade: resuming the device");
+                self.framework.set_memory(self.memory.clone());
+            }
+            Err(_) => {}
         }
         result
     }
