@@ -562,3 +562,110 @@ fn upgrades_cross_sandbox_levels_and_the_socket_files_follow() {
         std::thread::sleep(Duration::from_millis(5));
     }
 }
+
+#[test]
+fn a_backend_serving_an_inherited_connection_hands_it_over() {
+    use outboard_frontend::queue::{DriverQueue, QueueConfig, RingAddressing};
+    use outboard_frontend::{Connection, GuestRam, NotifyMode, Segment};
+    use std::os::fd::AsRawFd;
+    use vhost::vhost_user::message::VhostUserProtocolFeatures as P;
+    use vhost::vhost_user::VhostUserFrontend;
+    use vhost::VhostBackend;
+
+    const TYPE_OUT: u32 = 1; // VIRTIO_BLK_T_OUT
+    const TYPE_IN: u32 = 0; // VIRTIO_BLK_T_IN
+    let s = Setup::new("upgrade-fd");
+    let (ours, theirs) = std::os::unix::net::UnixStream::pair().unwrap();
+    let fd = theirs.as_raw_fd();
+    let mut args = vec![
+        "--fd".to_string(),
+        fd.to_string(),
+        "--upgrade-socket".to_string(),
+        s.upgrade.to_str().unwrap().into(),
+    ];
+    args.extend(s.device_args(&["--num-queues", "1"]));
+    let mut old = Backend::spawn_with_fd(
+        "vhost-user-blk",
+        fd,
+        &args,
+        s.socket.clone(),
+        s.dir.path("b0.log"),
+    );
+    drop(theirs);
+    // A frontend without STATUS: one ring, started when kicked.
+    let mut conn = Connection::from_stream(ours, 1).unwrap();
+    let mut ram = GuestRam::new(4 << 20).unwrap();
+    let offered = conn.frontend().get_features().unwrap();
+    assert_ne!(offered & (1 << 30), 0, "PROTOCOL_FEATURES offered");
+    let protocol = conn.frontend().get_protocol_features().unwrap();
+    conn.set_protocol_features(protocol & (P::REPLY_ACK | P::CONFIG))
+        .unwrap();
+    let fe = conn.frontend();
+    fe.set_owner().unwrap();
+    fe.set_features(1 << 32 | 1 << 30).unwrap();
+    fe.set_mem_table(&ram.regions_info()).unwrap();
+    let cfg = QueueConfig {
+        size: 64,
+        event_idx: false,
+        indirect_max: 0,
+        notify: NotifyMode::Interrupt,
+    };
+    let mut dq = DriverQueue::new(&mut ram, 0, cfg).unwrap();
+    let v = dq.vring_setup(RingAddressing::UserAddress).unwrap();
+    fe.set_vring_num(0, v.size).unwrap();
+    fe.set_vring_addr(0, &v.config()).unwrap();
+    fe.set_vring_base(0, 0).unwrap();
+    fe.set_vring_call(0, &v.call).unwrap();
+    fe.set_vring_kick(0, &v.kick).unwrap();
+    fe.set_vring_enable(0, true).unwrap();
+    let hdr = ram.alloc(32, 32).unwrap();
+    let data = ram.alloc(4096, 4096).unwrap();
+    let mut request = |dq: &mut DriverQueue, kind: u32, sector: u64, fill: Option<u8>| {
+        hdr.write_at(0, &kind.to_le_bytes());
+        hdr.write_u64(8, sector);
+        hdr.write_at(16, &[0xff]);
+        match fill {
+            Some(b) => data.fill(0, 4096, b),
+            None => data.fill(0, 4096, 0),
+        }
+        let seg = Segment {
+            gpa: data.gpa(),
+            len: 4096,
+            writable: kind == TYPE_IN,
+        };
+        dq.submit(&[
+            Segment::readable_part(&hdr, 0, 16),
+            seg,
+            Segment::writable_part(&hdr, 16, 1),
+        ])
+        .unwrap();
+        let mut used = Vec::new();
+        dq.wait_used(Duration::from_secs(10), &mut used).unwrap();
+        assert_eq!(hdr.read_u8(16), 0, "status of request type {kind}");
+        let mut got = vec![0; 4096];
+        data.read_at(0, &mut got);
+        got
+    };
+    request(&mut dq, TYPE_OUT, 0, Some(0xa1));
+    // The upgrade: the new process gets the connection (no listener: the old one served
+    // this connection only).
+    let (mut new, log) = s.upgrade_from(1, &["--num-queues", "1"]);
+    assert!(old.wait_exit(Duration::from_secs(20)).success());
+    assert_eq!(request(&mut dq, TYPE_IN, 0, None), vec![0xa1; 4096]);
+    request(&mut dq, TYPE_OUT, 8, Some(0xb2));
+    assert_eq!(request(&mut dq, TYPE_IN, 8, None), vec![0xb2; 4096]);
+    // The new process answers messages on the same connection.
+    let offered = conn.frontend().get_features().unwrap();
+    assert_ne!(offered & (1 << 30), 0);
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(text.contains("a frontend is connected"), "{text}");
+    // The frontend hangs up: the connection was served once, the program is done, and the
+    // upgrade socket's file goes with it.
+    drop(conn);
+    assert!(wait_exit(&mut new, "the new backend", Duration::from_secs(10)).success());
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while s.upgrade.exists() {
+        assert!(Instant::now() < deadline, "upgrade socket file left behind");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
