@@ -620,7 +620,7 @@ fn a_backend_serving_an_inherited_connection_hands_it_over() {
     fe.set_vring_enable(0, true).unwrap();
     let hdr = ram.alloc(32, 32).unwrap();
     let data = ram.alloc(4096, 4096).unwrap();
-    let mut request = |dq: &mut DriverQueue, kind: u32, sector: u64, fill: Option<u8>| {
+    let request = |dq: &mut DriverQueue, kind: u32, sector: u64, fill: Option<u8>| {
         hdr.write_at(0, &kind.to_le_bytes());
         hdr.write_u64(8, sector);
         hdr.write_at(16, &[0xff]);
