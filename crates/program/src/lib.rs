@@ -370,9 +370,13 @@ impl Drop for ServingSocket {
 pub fn open_socket(source: SocketSource) -> anyhow::Result<ServingSocket> {
     match source {
         SocketSource::Path(path) => {
+            // Held until the new file is bound: a killed predecessor's socket reaper, waking up
+            // now, removes only its own file.
+            let lock = outboard_sandbox::lock_socket_dir(&path);
             remove_stale_socket(&path)?;
             let listener = UnixListener::bind(&path)
                 .with_context(|| format!("cannot listen on {}", path.display()))?;
+            drop(lock);
             log::info!("listening on {}", path.display());
             Ok(ServingSocket::Listener(listener, SocketFile::Remove(path)))
         }

@@ -60,7 +60,7 @@ pub use policy::{
     Verdict, Width,
 };
 pub use process::{DroppedCapabilities, Limits};
-pub use reaper::SocketReaper;
+pub use reaper::{lock_socket_dir, DirLock, SocketReaper};
 pub use seccomp::{confine_thread, inherit_role, worker_thread_start, SeccompMode};
 pub use selftest::SelfTest;
 pub use sys::syscall_name;

@@ -4,13 +4,20 @@
 //! Landlock refuses every removal, and a rule that allowed it would allow removing anything
 //! beneath the socket's directory (`/run`, `/tmp`). So the removal is done by a helper process,
 //! forked while the backend is still single-threaded and unconfined: it keeps no descriptor
-//! but the read end of a pipe, confines itself to removing files beneath the socket's
-//! directory, waits for the pipe to close (the backend exiting, or dying: even a killed
-//! backend leaves no socket behind), and removes the path only if it is still the socket the
-//! backend bound (same device, inode and inode change time). It reads nothing but end-of-file from that pipe, so a
-//! compromised backend can do nothing to it beyond what exiting does anyway.
+//! but the read end of a pipe and the socket's directory, confines itself to removing files
+//! beneath that directory, waits for the pipe to close (the backend exiting, or dying: even a
+//! killed backend leaves no socket behind), and removes the path only if it is still the socket
+//! the backend bound (same device, inode and inode change time). It reads nothing but
+//! end-of-file from that pipe, so a compromised backend can do nothing to it beyond what
+//! exiting does anyway.
+//!
+//! A supervisor restarts a killed backend at once, so the new process replaces the stale file
+//! and binds its own while the old helper checks and removes. Both hold an exclusive `flock` on
+//! the directory for that ([`lock_socket_dir`]), so the helper never checks the old file and
+//! then removes the new one, and the new process never finds the old file vanishing under it.
 
 use std::ffi::CString;
+use std::fs::File;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
@@ -152,8 +159,13 @@ impl Identity {
 /// The helper process: never returns.
 fn helper(pipe: OwnedFd, target: &Target) -> ! {
     let status = match confine_helper(pipe.as_raw_fd(), target) {
-        Ok(()) => {
+        Ok(dir) => {
             wait_for_eof(&pipe);
+            // A backend restarting at the same path holds this lock while it replaces the stale
+            // file and binds its own (`lock_socket_dir`): the check and the removal below see
+            // either the old file or the new one, never the old one checked and the new one
+            // removed.
+            let _lock = dir.and_then(DirLock::exclusive);
             remove_if_same(target);
             0
         }
@@ -170,11 +182,14 @@ fn helper(pipe: OwnedFd, target: &Target) -> ! {
     unsafe { libc::_exit(status) }
 }
 
-fn confine_helper(pipe: RawFd, target: &Target) -> Result<(), SandboxError> {
+/// Confines the helper; returns the socket's directory, opened for [`lock_socket_dir`]'s lock
+/// (none if it cannot be opened: the removal then goes unlocked, as before).
+fn confine_helper(pipe: RawFd, target: &Target) -> Result<Option<File>, SandboxError> {
     let name = CString::new("socket-reaper").expect("no NUL");
     // SAFETY: PR_SET_NAME reads a NUL-terminated string that outlives the call.
     unsafe { libc::prctl(libc::PR_SET_NAME, name.as_ptr(), 0, 0, 0) };
     close_other_fds(pipe);
+    let lock_dir = File::open(&target.dir).ok();
     process::drop_capabilities()?;
     process::set_no_new_privs()?;
     let dir = PathFd::new(&target.dir).map_err(|e| SandboxError::Sys {
@@ -187,7 +202,41 @@ fn confine_helper(pipe: RawFd, target: &Target) -> Result<(), SandboxError> {
         .create()?
         .add_rule(PathBeneath::new(dir, AccessFs::RemoveFile))?
         .restrict_self()?;
-    Ok(())
+    Ok(lock_dir)
+}
+
+/// Locks the directory of the socket file at `path` (flock on the directory) while a backend
+/// replaces a stale socket file there and binds its own. A killed backend's reaper takes the
+/// same lock to check and remove its file, so it cannot check the old file and then remove the
+/// new one. `None` if the directory cannot be opened (no read permission): the caller goes on
+/// unlocked.
+pub fn lock_socket_dir(path: &Path) -> Option<DirLock> {
+    let dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    DirLock::exclusive(File::open(dir).ok()?)
+}
+
+/// An exclusive `flock` on a directory, released when dropped (the descriptor is closed; it is
+/// close-on-exec and never shared).
+#[derive(Debug)]
+pub struct DirLock {
+    _dir: File,
+}
+
+impl DirLock {
+    fn exclusive(dir: File) -> Option<DirLock> {
+        loop {
+            // SAFETY: flock on a descriptor `dir` owns for the whole call; no memory is passed.
+            if unsafe { libc::flock(dir.as_raw_fd(), libc::LOCK_EX) } == 0 {
+                return Some(DirLock { _dir: dir });
+            }
+            if std::io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
+                return None;
+            }
+        }
+    }
 }
 
 /// Closes every descriptor but stdin, stdout, stderr and `keep`: the helper must not hold the
