@@ -85,7 +85,7 @@ impl Setup {
     }
 
     /// A new backend that takes the device over from the one at the upgrade socket.
-    fn upgrade_from(&self, n: usize, extra: &[&str]) -> (Child, PathBuf) {
+    fn upgrade_from(&self, n: usize, extra: &[&str]) -> (Proc, PathBuf) {
         let log = self.dir.path(&format!("b{n}.log"));
         let mut args = vec![
             "--upgrade-from".to_string(),
@@ -96,11 +96,35 @@ impl Setup {
             .args(&args)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
-            .stdout(std::fs::File::create(&log).unwrap())
+            .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
             .expect("start the new backend");
-        (child, log)
+        (Proc(child), log)
+    }
+}
+
+/// A backend process started by a test, killed if the test ends while it runs (a failed
+/// assertion must not leave backends behind).
+struct Proc(Child);
+
+impl std::ops::Deref for Proc {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Proc {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.0
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
     }
 }
 
@@ -201,7 +225,7 @@ fn three_hundred_live_upgrades_under_load_lose_no_write_and_never_disconnect() {
     let done = std::sync::atomic::AtomicBool::new(false);
     let started = Instant::now();
     let mut windows = Vec::new();
-    let mut old: Option<Child> = None;
+    let mut old: Option<Proc> = None;
     let (seen, round_trips) = std::thread::scope(|scope| {
         let driver = scope.spawn(|| drive(&mut w, &done, 7));
         let stop = StopOnDrop(&done);
@@ -439,7 +463,7 @@ fn an_upgraded_backend_keeps_the_dirty_log_and_the_inflight_record() {
     log.clear();
     w.take_device_pages();
     // Twenty upgrades while the frontend migrates (logging on) and keeps an inflight record.
-    let mut old: Option<Child> = None;
+    let mut old: Option<Proc> = None;
     under_load(&mut w, || {
         for n in 1..=20 {
             let (new, _) = s.upgrade_from(n, &[]);
@@ -535,7 +559,7 @@ fn upgrades_cross_sandbox_levels_and_the_socket_files_follow() {
         &["--sandbox", "landlock", "--seccomp", "trap"],
         &["--sandbox", "none", "--seccomp", "none"],
     ];
-    let mut old: Option<Child> = None;
+    let mut old: Option<Proc> = None;
     let mut logs = Vec::new();
     under_load(&mut w, || {
         for (n, extra) in levels.iter().enumerate() {
