@@ -9,8 +9,9 @@
 //! QEMU copies guest RAM, so a receive write missing from the dirty log would show up as stale
 //! bytes). `tests/guest/run-migrate-net.sh`, `tests/guest/migrate-net-guest.sh`.
 //!
-//! QEMU 7.2 migrates vhost-user-net through its own virtio state and the vring bases; the control
-//! queue is QEMU's own. The backend's part is dirty logging and reporting the right ring
+//! Two queue pairs (`mq=on`, two vCPUs): four rings stop and move. QEMU 7.2 migrates
+//! vhost-user-net through its own virtio state and the vring bases; the control queue is QEMU's
+//! own. The backend's part is dirty logging and reporting the right ring
 //! positions when QEMU stops it.
 
 mod common;
@@ -29,6 +30,8 @@ const PEER_IP: &str = "10.79.0.1";
 const GUEST_IP: &str = "10.79.0.2";
 /// Pings (one every 0.2 s) that may go unanswered around the switch-over.
 const MAX_LOST_PINGS: u32 = 25;
+/// Queue pairs (the guest has 2 vCPUs, so it uses both): four rings move.
+const PAIRS: u16 = 2;
 
 /// Why the machine cannot run the test, if it cannot.
 fn missing() -> Option<String> {
@@ -105,7 +108,7 @@ fn start_backend(dir: &TempDir, ns: &Netns, side: &str, tap: &str) -> Backend {
         .args(["netns", "exec", &ns.0])
         .arg(binary("vhost-user-net"))
         .args(["--tap", tap, "--socket-path", &sock.display().to_string()])
-        .args(["--mac", MAC])
+        .args(["--mac", MAC, "--queue-pairs", &PAIRS.to_string()])
         .env("RUST_LOG", "debug")
         .stdin(Stdio::null())
         .stdout(log_file.try_clone().unwrap())
@@ -233,6 +236,7 @@ fn qemu_live_migration_of_vhost_user_net_keeps_ping_and_streams_going() {
             PEER_IP.into(),
             GUEST_IP.into(),
             MAC.into(),
+            PAIRS.to_string(),
         ],
         &[
             ("OUTBOARD_SRC_BACKEND_PID", src.child.id().to_string()),
@@ -277,10 +281,11 @@ fn qemu_live_migration_of_vhost_user_net_keeps_ping_and_streams_going() {
     let pull = fact(&stdout, "pull-bytes-sent");
     assert!(pull.ends_with("sha256-match yes"), "peer → guest: {pull}");
     println!(
-        "migration: total {} ms, downtime {} ms; ping {ping} (lost seqs {}); guest→peer {stream}; peer→guest {pull}; whole run {elapsed:.1?}",
+        "migration: total {} ms, downtime {} ms; ping {ping} (lost seqs {}); guest→peer {stream}; peer→guest {pull}; receive queues on the destination: {}; whole run {elapsed:.1?}",
         fact(&stdout, "total-time-ms"),
         fact(&stdout, "downtime-ms"),
         fact(&stdout, "ping_lost_seqs"),
+        fact(&stdout, "rx_queues"),
     );
 
     // The source backend logged dirty pages for the migration and its rings were stopped
@@ -303,7 +308,7 @@ fn qemu_live_migration_of_vhost_user_net_keeps_ping_and_streams_going() {
         .filter(|r| *r == "GET_VRING_BASE")
         .count();
     assert!(
-        stops >= 2,
+        stops >= 2 * usize::from(PAIRS),
         "a GET_VRING_BASE per ring after logging started: {:?}",
         &src_reqs[log_base..]
     );
@@ -311,7 +316,7 @@ fn qemu_live_migration_of_vhost_user_net_keeps_ping_and_streams_going() {
     dst.assert_alive();
     let dst_reqs = requests(&dst.log_text());
     assert!(
-        dst_reqs.iter().filter(|r| *r == "SET_VRING_BASE").count() >= 2,
+        dst_reqs.iter().filter(|r| *r == "SET_VRING_BASE").count() >= 2 * usize::from(PAIRS),
         "the destination never started its rings: {dst_reqs:?}"
     );
     let dst_status = dst.terminate();

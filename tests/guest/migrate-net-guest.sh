@@ -55,6 +55,7 @@ while ! ping -c 1 -W 1 "$PEER" >/dev/null 2>&1; do
     [ $i -lt 60 ] || { fail reach "$PEER never answered"; finish; }
 done
 pass reach "$PEER answers after $i tries"
+out "INFO channels $(/usr/sbin/ethtool -l $DEV 2>/dev/null | awk '$1 == "Combined:" {printf "%s ", $2}')"
 
 COUNT=$((DURATION * 5))
 END=$(( $(cut -d. -f1 /proc/uptime) + DURATION ))
@@ -101,6 +102,8 @@ out "INFO ping_lost_seqs $GAPS"
 out "INFO ping sent=${SENT:-0} received=${RECV:-0} lost=$LOST"
 STREAM_BYTES=$(( $(cat /tmp/chunks 2>/dev/null || echo 0) * 4096 ))
 out "INFO stream_bytes $STREAM_BYTES"
+# Per receive queue, from the driver's counters (with several pairs: which ones carried traffic).
+out "INFO rx_queues $(/usr/sbin/ethtool -S $DEV 2>/dev/null | awk '$1 ~ /^rx_queue_[0-9]+_packets:$/ {sub(/:$/, "", $1); printf "%s=%s ", $1, $2}')"
 if [ "${SENT:-0}" -eq "$COUNT" ] && [ "$LOST" -le "$MAX_LOST" ]; then
     pass ping_across_migration "lost $LOST of $SENT (at most $MAX_LOST)"
 else

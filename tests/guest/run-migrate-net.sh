@@ -7,7 +7,9 @@
 # switch-over are counted and bounded, and the stream must arrive whole (the host side counts
 # its bytes).
 #
-# usage: run-migrate-net.sh SRC_SOCKET DST_SOCKET NETNS PEER_IP GUEST_IP MAC
+# usage: run-migrate-net.sh SRC_SOCKET DST_SOCKET NETNS PEER_IP GUEST_IP MAC [QUEUE_PAIRS]
+# (QUEUE_PAIRS, default 1: `-netdev vhost-user,queues=N` and `mq=on`; both backends need
+# `--queue-pairs N`, and the guest uses min(N, vCPUs) of them.)
 # Environment as run-migrate-blk.sh (OUTBOARD_GUEST_*, OUTBOARD_MIGRATE_*), plus
 # OUTBOARD_MIGRATE_NET_DURATION (seconds of traffic, default 30) and
 # OUTBOARD_MIGRATE_NET_MAX_LOST (pings, default 25 = 5 s).
@@ -30,7 +32,11 @@ DURATION="${OUTBOARD_MIGRATE_NET_DURATION:-30}"
 MAX_LOST="${OUTBOARD_MIGRATE_NET_MAX_LOST:-25}"
 
 setup_error() { echo "run-migrate-net: $*" >&2; exit 2; }
-[[ $# -eq 6 ]] || { echo "usage: $0 SRC_SOCKET DST_SOCKET NETNS PEER_IP GUEST_IP MAC" >&2; exit 2; }
+[[ $# -eq 6 || $# -eq 7 ]] || { echo "usage: $0 SRC_SOCKET DST_SOCKET NETNS PEER_IP GUEST_IP MAC [QUEUE_PAIRS]" >&2; exit 2; }
+PAIRS="${7:-1}"
+[[ $PAIRS =~ ^[1-9][0-9]*$ ]] || setup_error "QUEUE_PAIRS must be a positive integer"
+MQ=""
+[[ $PAIRS -gt 1 ]] && MQ=",mq=on"
 SRC_SOCK="$1"
 DST_SOCK="$2"
 NETNS="$3"
@@ -138,8 +144,8 @@ qemu_cmd() {
         -serial "file:$OUT/$side-console.log" -serial "file:$OUT/$side-results.log"
         -qmp "unix:$OUT/$side.qmp,server=on,wait=off"
         -chardev "socket,id=c0,path=$sock"
-        -netdev "vhost-user,chardev=c0,id=n0,queues=1"
-        -device "virtio-net-pci,netdev=n0,mac=$MAC,vectors=0"
+        -netdev "vhost-user,chardev=c0,id=n0,queues=$PAIRS"
+        -device "virtio-net-pci,netdev=n0,mac=$MAC,vectors=0$MQ"
         -fw_cfg "name=opt/outboard/script,file=$GUEST_SCRIPT"
         -fw_cfg "name=opt/outboard/ip,string=$GUEST_IP"
         -fw_cfg "name=opt/outboard/peer_ip,string=$PEER_IP"
@@ -207,7 +213,7 @@ watch_ok() {
 
 T_START=$SECONDS
 elapsed() { echo $((SECONDS - T_START)); }
-echo "run-migrate-net: src=$SRC_SOCK dst=$DST_SOCK netns=$NETNS peer=$PEER_IP guest=$GUEST_IP smp=$SMP mem=${MEM_MB}M traffic=${DURATION}s delay=${DELAY}s out=$OUT"
+echo "run-migrate-net: src=$SRC_SOCK dst=$DST_SOCK netns=$NETNS peer=$PEER_IP guest=$GUEST_IP queue-pairs=$PAIRS smp=$SMP mem=${MEM_MB}M traffic=${DURATION}s delay=${DELAY}s out=$OUT"
 # The stream's receiving end, in the namespace: counts what arrives and the longest silence.
 RECV_PY="$OUT/recv.py"
 cat >"$RECV_PY" <<'PY'
@@ -416,6 +422,7 @@ if [[ $VERDICT == PASS ]]; then
     read -r got gap_ms <"$OUT/host-stream.txt" 2>/dev/null || { got=0; gap_ms=none; }
     echo "MIGRATION stream-bytes-sent ${want:-none} received $got longest-silence-ms $gap_ms"
     grep '^INFO ping' "$DST_RES" | sed 's/^INFO /MIGRATION /' || echo "MIGRATION ping none"
+    grep '^INFO rx_queues' "$DST_RES" | sed 's/^INFO /MIGRATION /' || echo "MIGRATION rx_queues none"
     [[ -n $want && $got -eq $want ]] || failure "the peer received $got stream bytes of ${want:-?}: the stream broke"
     grep -q '^CHECK pull_across_migration PASS' "$DST_RES" || failure "no passing verdict for the stream from the peer"
     read -r sent sent_sum <"$OUT/host-sent.txt" 2>/dev/null || { sent=0; sent_sum=none; }
