@@ -719,8 +719,9 @@ impl VhostUserBackend {
                 },
                 Err(e) => Err(e.to_string()),
             },
-            LOAD => spawn_transfer("state-load", move || read_state(file, &cancel))
-                .map(Transfer::Load),
+            LOAD => {
+                spawn_transfer("state-load", move || read_state(file, &cancel)).map(Transfer::Load)
+            }
             other => Err(format!("unknown transfer direction {other}")),
         };
         self.transfer = Some(transfer.unwrap_or_else(|e| {
