@@ -297,3 +297,26 @@ fn remove_if_same(target: &Target) {
         _ => {}
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Whether another open file description of `dir` can take the lock now.
+    fn lockable(dir: &Path) -> bool {
+        let other = File::open(dir).unwrap();
+        // SAFETY: flock on a descriptor `other` owns for the whole call; no memory is passed.
+        unsafe { libc::flock(other.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) == 0 }
+    }
+
+    #[test]
+    fn the_socket_directory_is_locked_until_the_lock_is_dropped() {
+        let dir = std::env::temp_dir().join(format!("outboard-dirlock-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let lock = lock_socket_dir(&dir.join("vhost.sock")).expect("a readable directory");
+        assert!(!lockable(&dir), "a reaper would not wait");
+        drop(lock);
+        assert!(lockable(&dir), "the lock outlived its guard");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
