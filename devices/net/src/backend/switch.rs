@@ -447,22 +447,21 @@ impl SwitchInner {
                     }
                     Some(port) => out.push((port, packet)),
                     None => {
-                        let mut targets = Vec::with_capacity(self.ports.len());
+                        // Flooded: a copy for every port up but the last, which gets the
+                        // packet itself (no allocation with two ports).
+                        let mut last = None;
                         for (p, port) in self.ports.iter().enumerate() {
                             if p == from {
                                 continue;
                             }
                             if port.enabled.load(Ordering::Relaxed) == 0 {
                                 port.counters.dropped_down.fetch_add(1, Ordering::Relaxed);
-                            } else {
-                                targets.push(p);
+                            } else if let Some(previous) = last.replace(p) {
+                                out.push((previous, packet.clone()));
                             }
                         }
-                        if let Some((&last, rest)) = targets.split_last() {
-                            for &p in rest {
-                                out.push((p, packet.clone()));
-                            }
-                            out.push((last, packet));
+                        if let Some(p) = last {
+                            out.push((p, packet));
                         }
                     }
                 }
