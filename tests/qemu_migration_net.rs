@@ -256,17 +256,20 @@ fn qemu_live_migration_of_vhost_user_net_keeps_ping_and_streams_going() {
             tail(&dst.log_text(), 30)
         )
     };
-    let status = status.unwrap_or_else(|| {
+    let Some(status) = status else {
+        let logs = logs();
         panic!(
-            "the migration run did not end within {RUN_LIMIT:?}:\n{stdout}\n{}",
-            logs()
+            "the migration run did not end within {RUN_LIMIT:?} (logs kept in {}):\n{stdout}\n{logs}",
+            keep(&dir).display()
         )
-    });
-    assert!(
-        status.success() && stdout.contains("run-migrate-net: PASS"),
-        "guest migration failed ({status}) after {elapsed:?}:\n{stdout}\n{}",
-        logs()
-    );
+    };
+    if !(status.success() && stdout.contains("run-migrate-net: PASS")) {
+        let logs = logs();
+        panic!(
+            "guest migration failed ({status}) after {elapsed:?} (logs kept in {}):\n{stdout}\n{logs}",
+            keep(&dir).display()
+        );
+    }
     // The script checked these; the test states them.
     let ping = fact(&stdout, "ping");
     let lost: u32 = ping
@@ -321,6 +324,19 @@ fn qemu_live_migration_of_vhost_user_net_keeps_ping_and_streams_going() {
     );
     let dst_status = dst.terminate();
     assert!(dst_status.success(), "destination backend: {dst_status}");
+}
+
+/// Moves the test's directory (guest consoles and results, backend logs) out of the way of its
+/// removal, for a failure to be looked at; returns where it went.
+fn keep(dir: &TempDir) -> PathBuf {
+    let kept = std::env::temp_dir().join(format!(
+        "outboard-qemu-migration-net-failed-{}",
+        std::process::id()
+    ));
+    match std::fs::rename(&dir.0, &kept) {
+        Ok(()) => kept,
+        Err(_) => dir.0.clone(),
+    }
 }
 
 fn tail(text: &str, n: usize) -> String {
