@@ -544,6 +544,12 @@ fn main() {
     let dst = cli.dest_backend.clone().unwrap_or_else(|| backend.clone());
     if kind == DeviceKind::Net {
         report.frames = Some(report::FrameCounts::default());
+        if cli.queues != 1 {
+            report.notes.push(format!(
+                "--queues {} ignored: the net mode drives one queue pair per port",
+                cli.queues
+            ));
+        }
     }
     let result = match (&cli.mode, kind) {
         (Mode::Migrate { count, expect }, DeviceKind::Net) => {
