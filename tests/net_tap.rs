@@ -545,6 +545,21 @@ fn a_killed_and_restarted_backend_loses_no_transmitted_frame() {
             let r = unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) };
             assert_eq!(r, 0, "setns: {}", std::io::Error::last_os_error());
             let sock = UdpSocket::bind("10.77.0.1:7777").unwrap();
+            // Bursts arrive faster than this thread may be scheduled on a busy machine: a
+            // receive buffer for every datagram of the test, so that a drop is never the
+            // socket's (SO_RCVBUFFORCE: root may exceed rmem_max).
+            let size: libc::c_int = 64 << 20;
+            // SAFETY: setsockopt on a socket this thread owns, with a c_int option value.
+            let r = unsafe {
+                libc::setsockopt(
+                    sock.as_raw_fd(),
+                    libc::SOL_SOCKET,
+                    libc::SO_RCVBUFFORCE,
+                    (&size as *const libc::c_int).cast(),
+                    std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+                )
+            };
+            assert_eq!(r, 0, "SO_RCVBUFFORCE: {}", std::io::Error::last_os_error());
             sock.set_read_timeout(Some(Duration::from_millis(50)))
                 .unwrap();
             ready_tx.send(()).unwrap();
