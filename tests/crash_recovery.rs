@@ -8,7 +8,6 @@ mod common;
 
 use std::os::fd::AsRawFd;
 use std::path::Path;
-use std::process::Command;
 
 use common::blk::{assert_accepted, BlkBackend};
 use common::{binary, TempDir};
@@ -23,29 +22,23 @@ fn crash(dir: &TempDir, disk: &Path, count: u32, queues: u16) -> Value {
         binary("vhost-user-blk").display(),
         disk.display()
     );
-    let json = dir.path("report.json");
-    let out = Command::new(binary("outboard-migrate"))
-        .args(["crash", "--backend", &backend])
-        .args(["--count", &count.to_string(), "--fault-every", "4"])
-        .args(["--queues", &queues.to_string(), "--depth", "16"])
-        .arg("--json")
-        .arg(&json)
-        .arg("--workdir")
-        .arg(dir.path("work"))
-        .env("RUST_LOG", "warn")
-        .output()
-        .expect("start outboard-migrate");
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "outboard-migrate crash failed ({}):\n{text}\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let report: Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
-    assert_eq!(report["verdict"], "pass", "{text}");
-    println!("{text}");
-    report
+    let (count, queues) = (count.to_string(), queues.to_string());
+    common::outboard_migrate_passing(
+        dir,
+        &[
+            "crash",
+            "--backend",
+            &backend,
+            "--count",
+            &count,
+            "--fault-every",
+            "4",
+            "--queues",
+            &queues,
+            "--depth",
+            "16",
+        ],
+    )
 }
 
 #[test]
@@ -190,37 +183,25 @@ fn the_runner_proves_a_hundred_live_upgrades_lose_nothing_and_never_disconnect()
         .unwrap();
     let blk = binary("vhost-user-blk");
     let device = format!("--blk-file {} --num-queues 2", disk.display());
-    let json = dir.path("report.json");
-    let out = Command::new(binary("outboard-migrate"))
-        .arg("upgrade")
-        .arg("--backend")
-        .arg(format!(
-            "{} --socket-path {{sock}} --upgrade-socket {{upgrade}} {device}",
-            blk.display()
-        ))
-        .arg("--dest-backend")
-        .arg(format!(
-            "{} --upgrade-from {{upgrade}} {device}",
-            blk.display()
-        ))
-        .args(["--count", "100", "--queues", "2"])
-        .arg("--json")
-        .arg(&json)
-        .arg("--workdir")
-        .arg(dir.path("work"))
-        .env("RUST_LOG", "warn")
-        .output()
-        .expect("start outboard-migrate");
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "outboard-migrate upgrade failed ({}):\n{text}\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
+    let first = format!(
+        "{} --socket-path {{sock}} --upgrade-socket {{upgrade}} {device}",
+        blk.display()
     );
-    println!("{text}");
-    let report: Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
-    assert_eq!(report["verdict"], "pass", "{text}");
+    let next = format!("{} --upgrade-from {{upgrade}} {device}", blk.display());
+    let report = common::outboard_migrate_passing(
+        &dir,
+        &[
+            "upgrade",
+            "--backend",
+            &first,
+            "--dest-backend",
+            &next,
+            "--count",
+            "100",
+            "--queues",
+            "2",
+        ],
+    );
     assert_eq!(report["upgrade"]["upgrades"], 100);
     assert_eq!(report["upgrade"]["disconnects"], 0);
     let r = &report["requests"];

@@ -27,29 +27,8 @@ fn disk(dir: &TempDir, name: &str, size: u64) -> std::path::PathBuf {
     path
 }
 
-/// Runs `outboard-migrate` with `args` and returns its JSON report, failing loudly with its
-/// readable output if it did not pass.
 fn run_migrate(dir: &TempDir, args: &[&str]) -> Value {
-    let json = dir.path("report.json");
-    let out = Command::new(binary("outboard-migrate"))
-        .args(args)
-        .arg("--json")
-        .arg(&json)
-        .arg("--workdir")
-        .arg(dir.path("work"))
-        .env("RUST_LOG", "warn")
-        .output()
-        .expect("start outboard-migrate");
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "outboard-migrate failed ({}):\n{text}\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let report: Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
-    assert_eq!(report["verdict"], "pass", "{text}");
-    report
+    common::outboard_migrate_passing(dir, args)
 }
 
 fn case<'a>(report: &'a Value, name: &str) -> &'a Value {

@@ -7,7 +7,7 @@
 mod common;
 mod dpdk;
 
-use std::process::{Command, Output};
+use std::process::Output;
 
 use common::{binary, TempDir};
 use serde_json::Value;
@@ -20,36 +20,11 @@ fn switch_command() -> String {
 }
 
 fn runner(dir: &TempDir, args: &[&str]) -> (Output, Value) {
-    let json = dir.path("report.json");
-    let out = Command::new(binary("outboard-migrate"))
-        .args(args)
-        .arg("--json")
-        .arg(&json)
-        .arg("--workdir")
-        .arg(dir.path("work"))
-        .env("RUST_LOG", "warn")
-        .output()
-        .expect("start outboard-migrate");
-    let report = std::fs::read(&json)
-        .ok()
-        .and_then(|b| serde_json::from_slice(&b).ok())
-        .unwrap_or(Value::Null);
-    (out, report)
+    common::outboard_migrate(dir, args)
 }
 
-/// Runs the runner and returns its report, failing loudly with its readable output unless it
-/// passed.
 fn passing(dir: &TempDir, args: &[&str]) -> Value {
-    let (out, report) = runner(dir, args);
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "outboard-migrate failed ({}):\n{text}\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert_eq!(report["verdict"], "pass", "{text}");
-    report
+    common::outboard_migrate_passing(dir, args)
 }
 
 #[test]

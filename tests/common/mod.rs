@@ -193,3 +193,39 @@ impl Drop for Backend {
         let _ = self.child.wait();
     }
 }
+
+/// Runs `outboard-migrate` with `args` (a JSON report and a work directory in `dir`); returns
+/// its output and its report (`Null` if it wrote none).
+pub fn outboard_migrate(dir: &TempDir, args: &[&str]) -> (std::process::Output, serde_json::Value) {
+    let json = dir.path("report.json");
+    let out = Command::new(binary("outboard-migrate"))
+        .args(args)
+        .arg("--json")
+        .arg(&json)
+        .arg("--workdir")
+        .arg(dir.path("work"))
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("start outboard-migrate");
+    let report = std::fs::read(&json)
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or(serde_json::Value::Null);
+    (out, report)
+}
+
+/// Runs `outboard-migrate` and returns its report, failing loudly with its readable output
+/// unless it passed.
+#[track_caller]
+pub fn outboard_migrate_passing(dir: &TempDir, args: &[&str]) -> serde_json::Value {
+    let (out, report) = outboard_migrate(dir, args);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "outboard-migrate failed ({}):\n{text}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(report["verdict"], "pass", "{text}");
+    report
+}

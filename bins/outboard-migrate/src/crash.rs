@@ -17,13 +17,12 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use outboard_frontend::migration::migration_protocol_features;
-use outboard_frontend::{BlkDriver, BlkOptions, SessionBuilder, WaitMode};
+use outboard_frontend::WaitMode;
 use serde_json::json;
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
 
 use crate::backend::{self, BackendProcess};
-use crate::report::{Progress, Report};
-use crate::workload::{self, Workload};
+use crate::report::{spread, Progress, Report};
 use crate::Cli;
 
 /// The fault points of Outboard's backends (`--fault-point`).
@@ -121,9 +120,8 @@ fn summary(v: &mut [f64]) -> serde_json::Value {
     if v.is_empty() {
         return json!(null);
     }
-    v.sort_by(f64::total_cmp);
-    let p = |q: f64| v[((v.len() - 1) as f64 * q).round() as usize];
-    json!({"median_ms": p(0.5), "p99_ms": p(0.99), "max_ms": v[v.len() - 1]})
+    let (median, p99, max) = spread(v);
+    json!({"median_ms": median, "p99_ms": p99, "max_ms": max})
 }
 
 /// Runs `count` crash/restart cycles.
@@ -153,22 +151,11 @@ pub fn run_crash(
     let timeout = Duration::from_secs(cli.timeout);
     let mut kill = c.plan(0, fault_every, faults);
     let mut proc = c.spawn(&kill)?;
-    let builder = SessionBuilder::new(&c.sock)
-        .queues(cli.queues)
-        .ram_size(crate::ram_size(cli))
-        .protocol_features(
-            migration_protocol_features() | VhostUserProtocolFeatures::INFLIGHT_SHMFD,
-        )
-        .io_timeout(Some(timeout));
-    let opts = BlkOptions {
-        slots: cli.depth,
-        slot_data_size: workload::BLOCK,
-        wait: WaitMode::Block(timeout),
-        ..BlkOptions::default()
-    };
-    let driver = BlkDriver::connect_with(builder, opts)
-        .with_context(|| format!("cannot set up the device on `{}`", proc.command))?;
-    let mut w = Workload::new(driver, cli.blocks, cli.depth, cli.seed)?;
+    let mut w = crate::blk_workload(
+        cli,
+        &proc,
+        migration_protocol_features() | VhostUserProtocolFeatures::INFLIGHT_SHMFD,
+    )?;
     if !w.driver.session().has_inflight() {
         report.notes.push("the backend lacks the INFLIGHT_SHMFD protocol feature: requests in flight at a crash cannot be recovered, so crash recovery cannot be proved".into());
         bail!("the backend does not offer INFLIGHT_SHMFD");
@@ -254,21 +241,7 @@ pub fn run_crash(
     }
     progress.finish();
     w.run(cli.ops_per_hop, timeout)?;
-    w.drain(timeout)?;
-    let (blocks, mut bad) = w.read_back()?;
-    report.violations.append(&mut w.violations);
-    let co = w.counts;
-    for (total, n) in
-        report
-            .requests
-            .iter_mut()
-            .zip([co.submitted, co.completed, co.writes, co.reads_verified])
-    {
-        *total += n;
-    }
-    let (total, all_bad) = report.readback.get_or_insert((0, Vec::new()));
-    *total += blocks;
-    all_bad.append(&mut bad);
+    crate::settle(&mut w, timeout, report)?;
     report.notes.push(format!(
         "crash: {count} kills ({}), {} requests in flight at the kills, all recovered; reconnect {} / first completion {}",
         stats

@@ -217,21 +217,7 @@ impl<'a> Runner<'a> {
         report: &mut Report,
     ) -> anyhow::Result<Self> {
         let source = Self::spawn(cli, dir, seq, template, compat)?;
-        let timeout = Duration::from_secs(cli.timeout);
-        let builder = SessionBuilder::new(&source.sock)
-            .queues(cli.queues)
-            .ram_size(ram_size(cli))
-            .protocol_features(migration_protocol_features())
-            .io_timeout(Some(timeout));
-        let opts = BlkOptions {
-            slots: cli.depth,
-            slot_data_size: workload::BLOCK,
-            wait: WaitMode::Block(timeout),
-            ..BlkOptions::default()
-        };
-        let driver = BlkDriver::connect_with(builder, opts)
-            .with_context(|| format!("cannot set up the device on `{}`", source.command))?;
-        let mut w = Workload::new(driver, cli.blocks, cli.depth, cli.seed)?;
+        let mut w = blk_workload(cli, &source, migration_protocol_features())?;
         describe_peer(&mut w, template, report);
         let tracker = Tracker::start(&mut w)?;
         Ok(Runner {
@@ -291,25 +277,54 @@ impl<'a> Runner<'a> {
 
     /// Drains, reads everything back, and adds the findings to `report`.
     fn finish(mut self, report: &mut Report) -> anyhow::Result<()> {
-        let t = self.timeout();
-        let result = self.w.drain(t).and_then(|()| self.w.read_back());
         report.hops.append(&mut self.hops);
-        report.violations.append(&mut self.w.violations);
-        let c = self.w.counts;
-        for (total, n) in
-            report
-                .requests
-                .iter_mut()
-                .zip([c.submitted, c.completed, c.writes, c.reads_verified])
-        {
-            *total += n;
-        }
-        let (blocks, mut bad) = result?;
-        let (total, all_bad) = report.readback.get_or_insert((0, Vec::new()));
-        *total += blocks;
-        all_bad.append(&mut bad);
-        Ok(())
+        let timeout = self.timeout();
+        settle(&mut self.w, timeout, report)
     }
+}
+
+/// Connects the verifying blk workload to `backend`, asking for `protocol`.
+fn blk_workload(
+    cli: &Cli,
+    backend: &BackendProcess,
+    protocol: VhostUserProtocolFeatures,
+) -> anyhow::Result<Workload> {
+    let timeout = Duration::from_secs(cli.timeout);
+    let builder = SessionBuilder::new(&backend.sock)
+        .queues(cli.queues)
+        .ram_size(ram_size(cli))
+        .protocol_features(protocol)
+        .io_timeout(Some(timeout));
+    let opts = BlkOptions {
+        slots: cli.depth,
+        slot_data_size: workload::BLOCK,
+        wait: WaitMode::Block(timeout),
+        ..BlkOptions::default()
+    };
+    let driver = BlkDriver::connect_with(builder, opts)
+        .with_context(|| format!("cannot set up the device on `{}`", backend.command))?;
+    Workload::new(driver, cli.blocks, cli.depth, cli.seed)
+}
+
+/// Drains `w`, reads the disk back, and adds its counts, violations and mismatches to
+/// `report`.
+fn settle(w: &mut Workload, timeout: Duration, report: &mut Report) -> anyhow::Result<()> {
+    let result = w.drain(timeout).and_then(|()| w.read_back());
+    report.violations.append(&mut w.violations);
+    let c = w.counts;
+    for (total, n) in
+        report
+            .requests
+            .iter_mut()
+            .zip([c.submitted, c.completed, c.writes, c.reads_verified])
+    {
+        *total += n;
+    }
+    let (blocks, mut bad) = result?;
+    let (total, all_bad) = report.readback.get_or_insert((0, Vec::new()));
+    *total += blocks;
+    all_bad.append(&mut bad);
+    Ok(())
 }
 
 fn ram_size(cli: &Cli) -> usize {

@@ -117,6 +117,16 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
 
+/// Median, 99th percentile and maximum of `v` (sorted in place); zeros when it is empty.
+pub fn spread(v: &mut [f64]) -> (f64, f64, f64) {
+    v.sort_by(f64::total_cmp);
+    (
+        percentile(v, 0.5),
+        percentile(v, 0.99),
+        v.last().copied().unwrap_or(0.0),
+    )
+}
+
 fn percentile(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {
         return 0.0;

@@ -18,12 +18,12 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use outboard_frontend::migration::migration_protocol_features;
-use outboard_frontend::{BlkDriver, BlkOptions, SessionBuilder, WaitMode};
+use outboard_frontend::WaitMode;
 use serde_json::json;
 
 use crate::backend::{self, BackendProcess};
-use crate::report::{Progress, Report};
-use crate::workload::{self, Workload};
+use crate::report::{spread, Progress, Report};
+use crate::workload::Workload;
 use crate::Cli;
 
 /// Whether the frontend's connection has something to read: the backend never writes on it
@@ -52,11 +52,6 @@ fn spawn(cmd: &str, log: &Path) -> anyhow::Result<Child> {
         .stderr(out)
         .spawn()
         .with_context(|| format!("cannot start `{cmd}`"))
-}
-
-fn median(v: &mut [f64]) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v.get(v.len() / 2).copied().unwrap_or(0.0)
 }
 
 /// Runs `count` live upgrades under load.
@@ -91,20 +86,7 @@ pub fn run_upgrade(cli: &Cli, dir: &Path, count: u32, report: &mut Report) -> an
         }
         std::thread::sleep(Duration::from_millis(5));
     }
-    let builder = SessionBuilder::new(&sock)
-        .queues(cli.queues)
-        .ram_size(crate::ram_size(cli))
-        .protocol_features(migration_protocol_features())
-        .io_timeout(Some(timeout));
-    let opts = BlkOptions {
-        slots: cli.depth,
-        slot_data_size: workload::BLOCK,
-        wait: WaitMode::Block(timeout),
-        ..BlkOptions::default()
-    };
-    let driver = BlkDriver::connect_with(builder, opts)
-        .with_context(|| format!("cannot set up the device on `{}`", first.command))?;
-    let mut w = Workload::new(driver, cli.blocks, cli.depth, cli.seed)?;
+    let mut w = crate::blk_workload(cli, &first, migration_protocol_features())?;
     let short = WaitMode::Block(Duration::from_millis(1));
     // The first process is owned by `first` until its successor takes over; later ones by
     // `old`.
@@ -188,23 +170,9 @@ pub fn run_upgrade(cli: &Cli, dir: &Path, count: u32, report: &mut Report) -> an
     if let Some(ev) = connection_event(&mut w) {
         bail!("after the upgrades, the frontend's connection reported {ev}");
     }
-    let (blocks, mut bad) = w.read_back()?;
-    report.violations.append(&mut w.violations);
-    let c = w.counts;
-    for (total, n) in
-        report
-            .requests
-            .iter_mut()
-            .zip([c.submitted, c.completed, c.writes, c.reads_verified])
-    {
-        *total += n;
-    }
-    let (total, all_bad) = report.readback.get_or_insert((0, Vec::new()));
-    *total += blocks;
-    all_bad.append(&mut bad);
-    let max = pauses.iter().copied().fold(0.0, f64::max);
-    let med = median(&mut pauses);
-    let take = median(&mut takeovers);
+    crate::settle(&mut w, timeout, report)?;
+    let (med, _, max) = spread(&mut pauses);
+    let (take, _, _) = spread(&mut takeovers);
     report.notes.push(format!(
         "upgrade: {count} live upgrades, the connection never hung up; pause seen by the frontend median {med:.2} ms, max {max:.2} ms; new process started to old process gone: median {take:.1} ms"
     ));
