@@ -209,3 +209,76 @@ fn the_runner_proves_a_hundred_live_upgrades_lose_nothing_and_never_disconnect()
     assert!(r["writes"].as_u64().unwrap() > 1000, "{r}");
     assert_eq!(report["readback"]["mismatches"], 0);
 }
+
+/// A backend that dies after publishing a used entry but before signalling it leaves the
+/// driver waiting for an interrupt that never comes: the restarted backend, finding the
+/// queue's record, interrupts the driver once.
+#[test]
+fn a_used_entry_published_but_not_signalled_before_the_crash_is_signalled_after_it() {
+    use outboard_frontend::raw::wait_readable_fd;
+    use outboard_frontend::BlkRequest;
+
+    let dir = TempDir::new("crash-signal");
+    let disk = dir.path("disk.img");
+    std::fs::File::create(&disk)
+        .unwrap()
+        .set_len(1 << 20)
+        .unwrap();
+    let socket = dir.path("blk.sock");
+    let args = |fault: &[&str]| -> Vec<String> {
+        let path = [socket.to_str().unwrap(), disk.to_str().unwrap()];
+        [
+            "--socket-path",
+            path[0],
+            "--blk-file",
+            path[1],
+            "--poll-us",
+            "0",
+        ]
+        .iter()
+        .chain(fault)
+        .map(|s| s.to_string())
+        .collect()
+    };
+    let mut first = common::Backend::start(
+        "vhost-user-blk",
+        &socket,
+        &args(&["--fault-point", "after-used-update@1:stop"]),
+        dir.path("b1.log"),
+    );
+    let builder = SessionBuilder::new(&socket).protocol_features(
+        outboard_frontend::device::default_protocol_features()
+            | VhostUserProtocolFeatures::INFLIGHT_SHMFD,
+    );
+    let mut blk = outboard_frontend::BlkDriver::connect(builder).unwrap();
+    let q = blk.queue(0);
+    let slot = q.free_slot().unwrap();
+    q.slot_data(slot).write_at(0, &[0x5a; 4096]);
+    q.submit(slot, BlkRequest::write(0, 4096)).unwrap();
+    q.kick().unwrap();
+    // The worker stops right after writing the used entry, before it signals.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !first
+        .log_text()
+        .contains("outboard-fault: after-used-update reached")
+    {
+        assert!(std::time::Instant::now() < deadline, "{}", first.log_text());
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    let q = blk.queue(0);
+    assert_eq!(
+        q.driver_queue_mut().used_idx(),
+        1,
+        "the used entry is there"
+    );
+    let call = q.driver_queue_mut().call_fd().try_clone().unwrap();
+    let _ = call.read(); // Whatever was signalled before.
+    first.child.kill().unwrap();
+    first.child.wait().unwrap();
+    let _second = common::Backend::start("vhost-user-blk", &socket, &args(&[]), dir.path("b2.log"));
+    blk.session().reconnect().unwrap();
+    assert!(
+        wait_readable_fd(&call, Some(std::time::Duration::from_secs(2))).unwrap(),
+        "no interrupt for the used entry the dead process published"
+    );
+}
