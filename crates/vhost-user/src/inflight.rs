@@ -401,16 +401,12 @@ impl InflightLog for QueueRecord {
     }
 
     fn completed(&mut self, used_idx: u16) {
-        for head in self.completing.drain(..) {
-            self.map
-                .as_volatile_slice()
-                .store(
-                    0u8,
-                    self.base + Self::entry(head) + ENTRY_INFLIGHT,
-                    Ordering::Release,
-                )
-                .ok();
+        let mut heads = std::mem::take(&mut self.completing);
+        for &head in &heads {
+            self.store(Self::entry(head) + ENTRY_INFLIGHT, 0u8, Ordering::Release);
         }
+        heads.clear();
+        self.completing = heads;
         self.store(OFF_USED_IDX, used_idx, Ordering::Release);
     }
 }
