@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite, on a fresh Debian 12 machine or a developer's: installs what the tests
-# need (idempotent), builds every binary, then runs every test. This is the command the README
-# gives and the one .ci/run calls.
+# need (idempotent), builds every binary, then runs every test (all of them, even after a
+# failure, so one run shows every failure). This is the command the README gives and the one
+# .ci/run calls.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export DEBIAN_FRONTEND=noninteractive
@@ -25,4 +26,4 @@ else
 fi
 
 cargo build --workspace --bins --release
-cargo test --workspace --release -- --test-threads="${OUTBOARD_TEST_THREADS:-2}"
+cargo test --workspace --release --no-fail-fast -- --test-threads="${OUTBOARD_TEST_THREADS:-2}"

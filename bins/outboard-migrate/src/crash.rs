@@ -50,6 +50,14 @@ impl Kill {
         }
     }
 
+    /// What the backend prints when it reaches the fault point.
+    fn marker(&self) -> Option<String> {
+        match self {
+            Kill::Random => None,
+            Kill::Fault(p, _, _) => Some(format!("outboard-fault: {p} reached")),
+        }
+    }
+
     fn name(&self) -> String {
         match self {
             Kill::Random => "random".into(),
@@ -163,6 +171,7 @@ pub fn run_crash(
     let mut stats = Stats::default();
     let progress = Progress::new(u64::from(count));
     let short = WaitMode::Block(Duration::from_millis(2));
+    let mut early_faults = 0u32;
     for i in 0..count {
         // Work, then the crash this process was started for.
         match &kill {
@@ -175,7 +184,7 @@ pub fn run_crash(
                 proc.kill();
             }
             Kill::Fault(point, _, _) => {
-                let marker = format!("outboard-fault: {point} reached");
+                let marker = kill.marker().expect("a fault point");
                 let deadline = Instant::now() + timeout;
                 loop {
                     w.fill()?;
@@ -214,11 +223,28 @@ pub fn run_crash(
         stats.reconnect.push(killed.elapsed().as_secs_f64() * 1e3);
         if w.in_flight() > 0 {
             // Every queue is looked at (a process started to stop at a fault point may hold
-            // one queue's completions); the pause ends with the first completion on any.
+            // one queue's completions); the pause ends with the first completion on any. A
+            // process started with a fault point may reach it before it completes anything
+            // (resubmitted requests still in the storage engine, a new one taken from the
+            // ring): then there is no pause to measure, and the next round kills it.
             let before = w.counts.completed;
             let deadline = Instant::now() + timeout;
+            let marker = kill.marker();
             while w.counts.completed == before {
                 w.reap(short)?;
+                // Liveness first: a process that printed its marker and exited is not a death.
+                let alive = proc.is_alive();
+                if marker.as_ref().is_some_and(|m| proc.log_contains(m)) {
+                    early_faults += 1;
+                    break;
+                }
+                if !alive {
+                    bail!(
+                        "after crash {}: the backend died before completing anything:\n{}",
+                        i + 1,
+                        proc.log_tail(10)
+                    );
+                }
                 if Instant::now() > deadline {
                     bail!(
                         "after crash {}: none of the {} requests in flight completed within {timeout:?}",
@@ -243,7 +269,7 @@ pub fn run_crash(
     w.run(cli.ops_per_hop, timeout)?;
     crate::settle(&mut w, timeout, report)?;
     report.notes.push(format!(
-        "crash: {count} kills ({}), {} requests in flight at the kills, all recovered; reconnect {} / first completion {}",
+        "crash: {count} kills ({}), {} requests in flight at the kills, all recovered; {early_faults} restarted processes reached their fault point before completing anything; reconnect {} / first completion {}",
         stats
             .kills
             .iter()
@@ -259,6 +285,7 @@ pub fn run_crash(
         json!({
             "kills": stats.kills,
             "in_flight_at_kills": stats.in_flight_at_kill,
+            "faults_before_first_completion": early_faults,
             "reconnect": summary(&mut stats.reconnect),
             "pause": summary(&mut stats.pause),
         }),
