@@ -12,6 +12,7 @@
 //! through the same bitmap by the code that submits them. With no log attached, marking costs one
 //! plain atomic load of a flag (see [`LogSlot`]): it runs for every write a device makes.
 
+use std::cell::RefCell;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 
@@ -143,13 +144,29 @@ impl DirtyLog {
 /// Every write into guest memory asks it for the log, also while none is set (nearly always):
 /// an `ArcSwap` load takes a thread-local debt slot with an atomic exchange, which made the
 /// check alone ~15 % of `vhost-user-net`'s cycles. `active` answers "no log" with one plain
-/// load; only while it is set does a write load the log itself.
+/// load. While it is set, each thread keeps the log it last used with the slot's generation
+/// (numbers unique in the process, a new one for every change): a write loads the generation
+/// and, when it matches, uses the thread's copy with no atomic read-modify-write. Only a changed
+/// generation loads the log itself. Logging a 4 KiB read costs four marks (data, status, used
+/// entry, used index), so this took two locked instructions off each of them.
 #[derive(Debug, Default)]
 pub struct LogSlot {
     /// Set while `log` holds a log: set after it is stored, cleared before it is taken away,
     /// so that it is never clear while a log is set (a write never misses a log).
     active: AtomicBool,
+    /// Changes with every [`LogSlot::store`], after `log` is stored (0: never set).
+    generation: AtomicU64,
     log: ArcSwapOption<DirtyLog>,
+}
+
+/// Generations of every slot in the process: a thread's cached log can only match the slot and
+/// the store it was loaded for.
+static GENERATIONS: AtomicU64 = AtomicU64::new(1);
+
+thread_local! {
+    /// The log this thread last wrote into, with its slot's generation then. It keeps that log
+    /// mapped until the thread next logs into another one or exits (one log per thread at most).
+    static CACHED_LOG: RefCell<Option<(u64, Arc<DirtyLog>)>> = const { RefCell::new(None) };
 }
 
 impl LogSlot {
@@ -161,12 +178,15 @@ impl LogSlot {
     /// Sets the log (`Some`) or takes it away (`None`); writes that start after this returns
     /// see the change.
     pub fn store(&self, log: Option<Arc<DirtyLog>>) {
+        let generation = GENERATIONS.fetch_add(1, Ordering::Relaxed);
         if log.is_some() {
             self.log.store(log);
+            self.generation.store(generation, Ordering::SeqCst);
             self.active.store(true, Ordering::SeqCst);
         } else {
             self.active.store(false, Ordering::SeqCst);
             self.log.store(None);
+            self.generation.store(generation, Ordering::SeqCst);
         }
     }
 
@@ -181,7 +201,28 @@ impl LogSlot {
         if !self.active.load(Ordering::SeqCst) {
             return None;
         }
-        self.log.load().as_deref().map(f)
+        // Read before the log: the log loaded below is this generation's or a newer one, and a
+        // newer one is loaded again the next time (the generation has moved on).
+        let generation = self.generation.load(Ordering::SeqCst);
+        let mut f = Some(f);
+        let cached = CACHED_LOG.try_with(|cache| {
+            let mut cache = cache.borrow_mut();
+            if let Some((g, log)) = cache.as_ref() {
+                if *g == generation {
+                    return Some((f.take().expect("called once"))(log));
+                }
+            }
+            let log = self.log.load_full()?;
+            let r = (f.take().expect("called once"))(&log);
+            *cache = Some((generation, log));
+            Some(r)
+        });
+        match (cached, f) {
+            (Ok(r), _) => r,
+            // The thread is exiting (its cache is gone): load the log without caching it.
+            (Err(_), Some(f)) => self.log.load().as_deref().map(f),
+            (Err(_), None) => unreachable!("the closure runs inside `try_with` only on success"),
+        }
     }
 }
 
@@ -324,6 +365,40 @@ mod tests {
             "the log was taken away: page 18 stays clean"
         );
         assert!(!region.dirty_at(0x1000), "no log, nothing reported");
+    }
+
+    #[test]
+    fn a_thread_writing_through_two_slots_marks_each_slots_own_current_log() {
+        // Each thread caches the last log it used; the cache must never hand one slot's log to
+        // another slot, nor a replaced log to a write that starts after the replacement.
+        let (a_log, a_view) = log(8);
+        let (b_log, b_view) = log(8);
+        let (c_log, c_view) = log(8);
+        let a = Arc::new(LogSlot::empty());
+        let b = Arc::new(LogSlot::empty());
+        a.store(Some(Arc::new(a_log)));
+        b.store(Some(Arc::new(b_log)));
+        let ra = RegionDirty::new(0, a.clone());
+        let rb = RegionDirty::new(0, b.clone());
+        ra.mark_dirty(0, 1); // page 0 into a
+        rb.mark_dirty(LOG_PAGE_SIZE as usize, 1); // page 1 into b
+        ra.mark_dirty(2 * LOG_PAGE_SIZE as usize, 1); // page 2 into a
+        assert_eq!(byte(&a_view, 0), 0b101);
+        assert_eq!(byte(&b_view, 0), 0b010);
+        // Replaced on this thread and on another one: the next write goes to the new log.
+        a.store(Some(Arc::new(c_log)));
+        ra.mark_dirty(3 * LOG_PAGE_SIZE as usize, 1);
+        assert_eq!(byte(&c_view, 0), 0b1000);
+        assert_eq!(byte(&a_view, 0), 0b101, "the replaced log gets nothing more");
+        let rb2 = RegionDirty::new(0, b.clone());
+        std::thread::spawn(move || rb2.mark_dirty(4 * LOG_PAGE_SIZE as usize, 1))
+            .join()
+            .unwrap();
+        assert_eq!(byte(&b_view, 0), 0b10010);
+        // Taken away: a write through the thread's cached log would be a missed change.
+        b.store(None);
+        rb.mark_dirty(5 * LOG_PAGE_SIZE as usize, 1);
+        assert_eq!(byte(&b_view, 0), 0b10010);
     }
 
     #[test]
