@@ -94,6 +94,11 @@ struct Args {
     #[arg(long, default_value_t = 50, value_name = "US")]
     poll_us: u64,
 
+    /// Test only: every io_uring storage operation waits this long in the kernel before it
+    /// starts, so that tests can suspend requests that are still in flight.
+    #[arg(long, hide = true, default_value_t = 0, value_name = "MS")]
+    io_delay_ms: u64,
+
     /// The guest-visible device generation to present and to write into saved state (1: no
     /// discard or write zeroes; 2: both). State saved by this version or an older one loads.
     #[arg(long, default_value_t = outboard_blk::DEFAULT_COMPAT_VERSION,
@@ -210,6 +215,13 @@ fn blk_config(args: &Args) -> outboard_blk::BlkConfig {
         .and_then(|t| std::num::NonZeroUsize::new(usize::from(t)));
     config.poll = Duration::from_micros(args.poll_us);
     config.compat_version = args.compat_version;
+    config.io_delay = Duration::from_millis(args.io_delay_ms);
+    if args.io_delay_ms > 0 {
+        log::warn!(
+            "test option: every storage operation is held back {} ms",
+            args.io_delay_ms
+        );
+    }
     config
 }
 

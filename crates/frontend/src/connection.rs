@@ -92,6 +92,12 @@ impl<T> VhostResultExt<T> for vhost::Result<T> {
     }
 }
 
+/// VHOST_USER_GET_VRING_BASE_SKIP_DRAIN: newer than the vhost crate's request enumeration.
+pub const GET_VRING_BASE_SKIP_DRAIN: u32 = 45;
+/// VHOST_USER_PROTOCOL_F_GET_VRING_BASE_SKIP_DRAIN (bit 23): newer than the vhost crate's
+/// protocol feature flags (build it with `VhostUserProtocolFeatures::from_bits_retain`).
+pub const PROTOCOL_F_SKIP_DRAIN: u64 = 1 << 23;
+
 /// Requests whose backend always sends a reply (independent of NEED_REPLY).
 fn always_replies(code: u32, protocol: VhostUserProtocolFeatures) -> bool {
     use FrontendReq as R;
@@ -113,6 +119,7 @@ fn always_replies(code: u32, protocol: VhostUserProtocolFeatures) -> bool {
     ]
     .iter()
     .any(|r| *r as u32 == code)
+        || code == GET_VRING_BASE_SKIP_DRAIN
         || (code == R::SET_LOG_BASE as u32
             && protocol.contains(VhostUserProtocolFeatures::LOG_SHMFD))
 }

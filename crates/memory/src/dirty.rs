@@ -389,7 +389,11 @@ mod tests {
         a.store(Some(Arc::new(c_log)));
         ra.mark_dirty(3 * LOG_PAGE_SIZE as usize, 1);
         assert_eq!(byte(&c_view, 0), 0b1000);
-        assert_eq!(byte(&a_view, 0), 0b101, "the replaced log gets nothing more");
+        assert_eq!(
+            byte(&a_view, 0),
+            0b101,
+            "the replaced log gets nothing more"
+        );
         let rb2 = RegionDirty::new(0, b.clone());
         std::thread::spawn(move || rb2.mark_dirty(4 * LOG_PAGE_SIZE as usize, 1))
             .join()

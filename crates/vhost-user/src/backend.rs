@@ -42,9 +42,20 @@ const VRING_INDEX_MASK: u64 = 0xff;
 /// "No file descriptor" in SET_VRING_KICK/CALL/ERR.
 const VRING_NOFD_FLAG: u64 = 0x100;
 
+/// VHOST_USER_GET_VRING_BASE_SKIP_DRAIN: GET_VRING_BASE without waiting for requests in
+/// flight (they are cancelled and left to the inflight record). Newer than the vhost crate's
+/// request enumeration.
+pub const GET_VRING_BASE_SKIP_DRAIN: u32 = 45;
+/// VHOST_USER_PROTOCOL_F_GET_VRING_BASE_SKIP_DRAIN (bit 23), newer than the vhost crate's
+/// protocol feature flags: the frontend may send [`GET_VRING_BASE_SKIP_DRAIN`]. Only with
+/// GET_VRING_BASE_INFLIGHT (bit 20) and INFLIGHT_SHMFD.
+pub const PROTOCOL_F_SKIP_DRAIN: u64 = 1 << 23;
+
 /// The protocol features this transport implements.
 pub fn supported_protocol_features() -> VhostUserProtocolFeatures {
-    VhostUserProtocolFeatures::MQ
+    VhostUserProtocolFeatures::from_bits_retain(PROTOCOL_F_SKIP_DRAIN)
+        | VhostUserProtocolFeatures::GET_VRING_BASE_INFLIGHT
+        | VhostUserProtocolFeatures::MQ
         | VhostUserProtocolFeatures::REPLY_ACK
         | VhostUserProtocolFeatures::CONFIG
         | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
@@ -287,6 +298,13 @@ impl VhostUserBackend {
         );
         let result = match request {
             Some(req) => self.handle(req, msg, shutdown),
+            None if header.request == GET_VRING_BASE_SKIP_DRAIN => {
+                if self.protocol.bits() & PROTOCOL_F_SKIP_DRAIN == 0 {
+                    Err(RequestError::SkipDrainNotNegotiated)
+                } else {
+                    self.get_vring_base(&msg, true)
+                }
+            }
             None => Err(RequestError::Unknown {
                 request: header.request,
             }),
@@ -329,7 +347,8 @@ impl VhostUserBackend {
                     // A config reply with no data is how the protocol says "error".
                     return send(VhostUserConfig::default().as_slice());
                 }
-                if request.is_some_and(has_own_reply) {
+                if request.is_some_and(has_own_reply) || header.request == GET_VRING_BASE_SKIP_DRAIN
+                {
                     log::warn!("the request needs a reply that cannot be given; disconnecting");
                     return false;
                 }
@@ -414,7 +433,12 @@ impl VhostUserBackend {
                         unsupported: v & !supported,
                     });
                 }
-                self.protocol = VhostUserProtocolFeatures::from_bits_truncate(v);
+                let needed = VhostUserProtocolFeatures::GET_VRING_BASE_INFLIGHT.bits()
+                    | VhostUserProtocolFeatures::INFLIGHT_SHMFD.bits();
+                if v & PROTOCOL_F_SKIP_DRAIN != 0 && v & needed != needed {
+                    return Err(RequestError::SkipDrainPrerequisites);
+                }
+                self.protocol = VhostUserProtocolFeatures::from_bits_retain(v);
                 self.framework.set_start_on_driver_ok(
                     self.protocol.contains(VhostUserProtocolFeatures::STATUS),
                 );
@@ -469,20 +493,7 @@ impl VhostUserBackend {
                 self.forget_reset_base(s.index);
                 Ok(Outcome::Done)
             }
-            R::GET_VRING_BASE => {
-                expect_fds(0)?;
-                let s = vring_state(&msg)?;
-                let next_avail = self.framework.stop_queue(s.index)?;
-                // A ring stopped by a SET_STATUS 0 reset reports where it stood then.
-                let next_avail = self
-                    .reset_bases
-                    .get(s.index as usize)
-                    .copied()
-                    .flatten()
-                    .unwrap_or(next_avail);
-                let reply = VhostUserVringState::new(s.index, u32::from(next_avail));
-                Ok(Outcome::Reply(reply.as_slice().to_vec()))
-            }
+            R::GET_VRING_BASE => self.get_vring_base(&msg, false),
             R::SET_VRING_KICK => {
                 let (index, fd) = self.vring_fd(&mut msg)?;
                 let fd = fd.ok_or(RequestError::PollingUnsupported { index })?;
@@ -822,6 +833,34 @@ impl VhostUserBackend {
             .map_err(|e| e.to_string())?;
         log::info!("loaded {} bytes of device state", blob.len());
         Ok(())
+    }
+
+    /// GET_VRING_BASE, and with `skip_drain` GET_VRING_BASE_SKIP_DRAIN: stops the ring and
+    /// answers where it stands. Skipping the drain, requests the device can cancel are left
+    /// unanswered in the inflight record (the frontend keeps it, and hands it to whichever
+    /// backend starts the ring again) instead of being waited for.
+    fn get_vring_base(&mut self, msg: &Message, skip_drain: bool) -> Result<Outcome, RequestError> {
+        if !msg.fds.is_empty() {
+            return Err(RequestError::FdCount {
+                want: 0,
+                got: msg.fds.len(),
+            });
+        }
+        let s = vring_state(msg)?;
+        let next_avail = if skip_drain && self.inflight.is_some() {
+            self.framework.suspend_queue(s.index)?
+        } else {
+            self.framework.stop_queue(s.index)?
+        };
+        // A ring stopped by a SET_STATUS 0 reset reports where it stood then.
+        let next_avail = self
+            .reset_bases
+            .get(s.index as usize)
+            .copied()
+            .flatten()
+            .unwrap_or(next_avail);
+        let reply = VhostUserVringState::new(s.index, u32::from(next_avail));
+        Ok(Outcome::Reply(reply.as_slice().to_vec()))
     }
 
     fn require(

@@ -648,7 +648,7 @@ impl VhostUserBackend {
             )));
         }
         self.owned = s.owned;
-        self.protocol = VhostUserProtocolFeatures::from_bits_truncate(s.protocol);
+        self.protocol = VhostUserProtocolFeatures::from_bits_retain(s.protocol);
         self.framework
             .set_start_on_driver_ok(self.protocol.contains(VhostUserProtocolFeatures::STATUS));
         let mut first = Vec::new();

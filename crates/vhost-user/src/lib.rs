@@ -63,6 +63,15 @@ pub enum RequestError {
     /// SET_OWNER on an owned session.
     #[error("the session already has an owner")]
     AlreadyOwned,
+    /// GET_VRING_BASE_SKIP_DRAIN (protocol feature 23) asked for without the features it
+    /// needs (GET_VRING_BASE_INFLIGHT and INFLIGHT_SHMFD).
+    #[error(
+        "protocol feature GET_VRING_BASE_SKIP_DRAIN needs GET_VRING_BASE_INFLIGHT and INFLIGHT_SHMFD"
+    )]
+    SkipDrainPrerequisites,
+    /// GET_VRING_BASE_SKIP_DRAIN (message 45) without its protocol feature.
+    #[error("GET_VRING_BASE_SKIP_DRAIN needs its protocol feature, which was not negotiated")]
+    SkipDrainNotNegotiated,
     /// Protocol features that are not offered.
     #[error("protocol features {unsupported:#x} are not supported")]
     ProtocolFeatures {

@@ -409,6 +409,11 @@ impl Framework {
 
     /// Enables or disables queue `index`.
     pub fn set_queue_enabled(&mut self, index: u32, enabled: bool) -> Result<(), QueueConfigError> {
+        // Enabling an enabled queue changes nothing: no need to pause the device (which waits
+        // for every request in flight; frontends enable each ring after starting it).
+        if self.slot(index)?.enabled == enabled {
+            return Ok(());
+        }
         self.change_queue(index, |slot| {
             slot.enabled = enabled;
             Ok(())
@@ -431,6 +436,20 @@ impl Framework {
             slot.kick = None;
             Ok(slot.config.next_avail)
         })
+    }
+
+    /// Stops queue `index` like [`Framework::stop_queue`], but the device does not wait for
+    /// work it can cancel: cancelled requests stay in the inflight records and are resubmitted
+    /// when the queues start again (vhost-user's GET_VRING_BASE_SKIP_DRAIN). Like every queue
+    /// change it pauses the whole device, so the other running queues are suspended too and
+    /// resubmit their cancelled requests as they restart. Without an inflight record nothing
+    /// could bring a cancelled request back, and the queue is drained as `stop_queue` does.
+    pub fn suspend_queue(&mut self, index: u32) -> Result<u16, QueueConfigError> {
+        self.check_index(index)?;
+        if self.inflight.is_some() {
+            self.pause_with(true);
+        }
+        self.stop_queue(index)
     }
 
     /// Quiesces the device (every request in flight completes) without changing anything else;
@@ -581,11 +600,21 @@ impl Framework {
     }
 
     fn pause(&mut self) {
+        self.pause_with(false);
+    }
+
+    /// Pauses the device: with `suspend`, cancellable work is left to the inflight records.
+    fn pause_with(&mut self, suspend: bool) {
         if !self.running {
             return;
         }
         self.running = false;
-        for q in self.device.quiesce() {
+        let queues = if suspend {
+            self.device.suspend()
+        } else {
+            self.device.quiesce()
+        };
+        for q in queues {
             let (index, queue, _kick) = q.into_parts();
             if let Some(slot) = self.queues.get_mut(index as usize) {
                 slot.config.next_avail = virtio_queue::QueueT::next_avail(&queue);

@@ -149,6 +149,17 @@ pub trait VirtioDevice: Send {
     /// does not touch guest memory or signal interrupts until it is activated again.
     fn quiesce(&mut self) -> Vec<ActiveQueue>;
 
+    /// Stops processing like [`VirtioDevice::quiesce`], but without waiting for work it can
+    /// cancel (slow storage I/O): such requests are dropped unanswered and stay in the queues'
+    /// inflight records, which hand them to the device again when the queues next start, in
+    /// this process or the next. Nothing writes guest memory for them once this returns. The
+    /// framework calls it only when every queue has an inflight record. The default cancels
+    /// nothing and completes every request, as `quiesce` does (always allowed: a suspended
+    /// request may also be one that finished).
+    fn suspend(&mut self) -> Vec<ActiveQueue> {
+        self.quiesce()
+    }
+
     /// Returns the device to its initial state (the queues, if any, are dropped). A device that
     /// cannot reset returns an error and the framework reports DEVICE_NEEDS_RESET to the driver.
     fn reset(&mut self) -> Result<(), DeviceError>;

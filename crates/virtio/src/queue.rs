@@ -159,6 +159,11 @@ impl ActiveQueue {
         self.recovered
     }
 
+    /// Whether the queue keeps an inflight record (what it drops unanswered comes back).
+    pub fn has_inflight(&self) -> bool {
+        self.inflight.is_some()
+    }
+
     /// The queue's index in the device.
     pub fn index(&self) -> u16 {
         self.index

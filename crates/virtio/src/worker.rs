@@ -14,7 +14,7 @@
 //! stop request) and a fresh memory snapshot, however busy its queues are.
 
 use std::os::fd::{AsRawFd, RawFd};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -80,6 +80,20 @@ pub trait QueueHandler: Send + 'static {
         mem: &Arc<GuestMemoryMmap>,
         interrupt: &dyn Interrupt,
     );
+
+    /// Like [`QueueHandler::drain`], but requests whose work can be cancelled (storage I/O
+    /// still in the kernel) are cancelled and dropped unanswered instead of waited for: they
+    /// stay in the queues' inflight records, which resubmit them when the queues next start.
+    /// Nothing may write guest memory for a dropped request once this returns. Called only when
+    /// every queue has an inflight record. The default waits for everything, as `drain` does.
+    fn suspend(
+        &mut self,
+        queues: &mut [ActiveQueue],
+        mem: &Arc<GuestMemoryMmap>,
+        interrupt: &dyn Interrupt,
+    ) {
+        self.drain(queues, mem, interrupt);
+    }
 }
 
 /// What every worker of a device shares.
@@ -136,6 +150,8 @@ impl Token {
 #[derive(Debug)]
 pub struct QueueWorker {
     stop: EventFd,
+    /// Set before `stop` is signalled: the worker suspends instead of draining.
+    suspend: Arc<AtomicBool>,
     thread: Option<JoinHandle<Vec<ActiveQueue>>>,
 }
 
@@ -149,6 +165,8 @@ impl QueueWorker {
     ) -> std::io::Result<Self> {
         let stop = EventFd::new(EFD_NONBLOCK)?;
         let stop_rx = stop.try_clone()?;
+        let suspend = Arc::new(AtomicBool::new(false));
+        let suspend_rx = suspend.clone();
         let epoll = Epoll::new()?;
         let add = |fd: RawFd, token: Token| {
             epoll.ctl(
@@ -175,6 +193,7 @@ impl QueueWorker {
             let mut w = WorkerLoop {
                 epoll,
                 _stop: stop_rx,
+                suspend: suspend_rx,
                 queues,
                 broken: Vec::new(),
                 handler,
@@ -185,12 +204,20 @@ impl QueueWorker {
         })?;
         Ok(QueueWorker {
             stop,
+            suspend,
             thread: Some(thread),
         })
     }
 
     /// Stops the thread after it has completed every request in flight, and returns its queues.
     pub fn stop(mut self) -> Vec<ActiveQueue> {
+        self.stop_inner()
+    }
+
+    /// Stops the thread without waiting for work that can be cancelled (see
+    /// [`QueueHandler::suspend`]), and returns its queues. Only for queues with inflight records.
+    pub fn suspend(mut self) -> Vec<ActiveQueue> {
+        self.suspend.store(true, Ordering::SeqCst);
         self.stop_inner()
     }
 
@@ -220,6 +247,7 @@ impl Drop for QueueWorker {
 struct WorkerLoop<H> {
     epoll: Epoll,
     _stop: EventFd,
+    suspend: Arc<AtomicBool>,
     queues: Vec<ActiveQueue>,
     broken: Vec<bool>,
     handler: H,
@@ -393,8 +421,15 @@ impl<H: QueueHandler> WorkerLoop<H> {
 
     fn finish(mut self) -> Vec<ActiveQueue> {
         let mem = self.ctx.memory.memory().into_inner();
-        self.handler
-            .drain(&mut self.queues, &mem, self.ctx.interrupt.as_ref());
+        // A request dropped from a queue without a record would never be answered.
+        let recorded = self.queues.iter().all(ActiveQueue::has_inflight);
+        if self.suspend.load(Ordering::SeqCst) && recorded {
+            self.handler
+                .suspend(&mut self.queues, &mem, self.ctx.interrupt.as_ref());
+        } else {
+            self.handler
+                .drain(&mut self.queues, &mem, self.ctx.interrupt.as_ref());
+        }
         self.queues
     }
 }

@@ -155,6 +155,10 @@ pub struct BlkConfig {
     pub write_zeroes_may_unmap: bool,
     /// The guest-visible device generation (one of [`COMPAT_VERSIONS`]); see there.
     pub compat_version: u16,
+    /// For tests of cancellation only (zero otherwise): every io_uring operation waits this long
+    /// in the kernel before it starts (a linked timeout), so that requests stay in flight long
+    /// enough to be suspended. Ignored by the other engines.
+    pub io_delay: Duration,
 }
 
 impl BlkConfig {
@@ -182,6 +186,7 @@ impl BlkConfig {
             write_zeroes: RangeCommandConfig::default(),
             write_zeroes_may_unmap: true,
             compat_version: DEFAULT_COMPAT_VERSION,
+            io_delay: Duration::ZERO,
         }
     }
 

@@ -53,6 +53,9 @@ struct Pending {
     flush_after: bool,
     /// The request changes the disk (write, discard, write zeroes, flush).
     writes: bool,
+    /// An operation was cancelled: the request is dropped unanswered (its inflight record
+    /// brings it back).
+    cancelled: bool,
 }
 
 /// See the module documentation.
@@ -158,6 +161,7 @@ impl BlkHandler {
                     | RequestKind::Discard { .. }
                     | RequestKind::WriteZeroes { .. }
             ),
+            cancelled: false,
         };
         let ops = match kind {
             RequestKind::Read { sector, data } => {
@@ -275,14 +279,18 @@ impl BlkHandler {
                     log::error!("virtio-blk: completion for unknown request {token}");
                     continue;
                 };
-                if let Err(e) = c.result {
-                    p.error.get_or_insert(e);
+                match c.result {
+                    Ok(()) => {}
+                    Err(StorageError::Cancelled { .. }) => p.cancelled = true,
+                    Err(e) => {
+                        p.error.get_or_insert(e);
+                    }
                 }
                 p.ops -= 1;
                 if p.ops > 0 {
                     continue;
                 }
-                if p.flush_after && p.error.is_none() {
+                if p.flush_after && p.error.is_none() && !p.cancelled {
                     p.flush_after = false;
                     p.ops = 1;
                     self.engine.enqueue(token, Op::Flush);
@@ -294,6 +302,15 @@ impl BlkHandler {
                 };
                 self.free.push(token as usize);
                 self.live -= 1;
+                if p.cancelled {
+                    // Not answered: the queue's inflight record still holds the request.
+                    log::debug!(
+                        "virtio-blk: queue {}: request {} cancelled, left to the inflight record",
+                        p.queue,
+                        p.head
+                    );
+                    continue;
+                }
                 let (status, len) = match p.error {
                     None => {
                         if p.writes {
@@ -425,6 +442,17 @@ impl QueueHandler for BlkHandler {
                 return;
             }
         }
+    }
+
+    fn suspend(
+        &mut self,
+        queues: &mut [ActiveQueue],
+        mem: &Arc<GuestMemoryMmap>,
+        interrupt: &dyn Interrupt,
+    ) {
+        // The engine cancels what it still can; the rest finishes and is answered.
+        self.engine.cancel();
+        self.drain(queues, mem, interrupt);
     }
 }
 
@@ -717,7 +745,12 @@ mod tests {
         let features = d.all_features();
         let mut queue = d.queue(0);
         let slot: EngineSlot = Arc::new(Mutex::new(None));
-        let engine = crate::storage::new_engine(EngineKind::Uring, Some(&d.file()), 64);
+        let engine = crate::storage::new_engine(
+            EngineKind::Uring,
+            Some(&d.file()),
+            64,
+            std::time::Duration::ZERO,
+        );
         let shared = Arc::new(Shared {
             limits: d.device.spec.request_limits(features),
             cache: CacheMode::new(features, Arc::default()),

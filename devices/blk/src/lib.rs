@@ -26,6 +26,7 @@ use std::fs::File;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
 
 use outboard_virtio::features::bit;
 use outboard_virtio::worker::{QueueWorker, WorkerContext};
@@ -97,6 +98,7 @@ pub struct Blk {
     dio_align: usize,
     engine_kind: EngineKind,
     engine_depth: u32,
+    io_delay: Duration,
     /// One engine per worker thread, made at creation and reused across activations.
     engines: Vec<EngineSlot>,
     queue_sizes: Vec<u16>,
@@ -129,7 +131,12 @@ impl Blk {
         let engine_depth = u32::from(spec.queue_size).saturating_mul(queues_per_thread as u32);
         let engines = (0..spec.threads)
             .map(|_| {
-                let engine = storage::new_engine(config.engine, file.as_ref(), engine_depth);
+                let engine = storage::new_engine(
+                    config.engine,
+                    file.as_ref(),
+                    engine_depth,
+                    config.io_delay,
+                );
                 Arc::new(Mutex::new(Some(engine)))
             })
             .collect();
@@ -141,6 +148,7 @@ impl Blk {
             dio_align,
             engine_kind: config.engine,
             engine_depth,
+            io_delay: config.io_delay,
             engines,
             acked: 0,
             workers: Vec::new(),
@@ -182,7 +190,12 @@ impl Blk {
         let engine = slot.lock().unwrap_or_else(PoisonError::into_inner).take();
         let engine = engine.unwrap_or_else(|| {
             log::warn!("virtio-blk: worker {t} lost its storage engine; making a new one");
-            storage::new_engine(self.engine_kind, self.file.as_ref(), self.engine_depth)
+            storage::new_engine(
+                self.engine_kind,
+                self.file.as_ref(),
+                self.engine_depth,
+                self.io_delay,
+            )
         });
         (engine, slot)
     }
@@ -298,6 +311,18 @@ impl VirtioDevice for Blk {
     fn quiesce(&mut self) -> Vec<ActiveQueue> {
         let mut queues: Vec<ActiveQueue> =
             self.workers.drain(..).flat_map(QueueWorker::stop).collect();
+        queues.sort_by_key(ActiveQueue::index);
+        queues
+    }
+
+    /// Cancels the storage operations still in the kernel (io_uring) and leaves their requests
+    /// to the inflight records; what completed meanwhile is answered as usual.
+    fn suspend(&mut self) -> Vec<ActiveQueue> {
+        let mut queues: Vec<ActiveQueue> = self
+            .workers
+            .drain(..)
+            .flat_map(QueueWorker::suspend)
+            .collect();
         queues.sort_by_key(ActiveQueue::index);
         queues
     }

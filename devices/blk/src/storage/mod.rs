@@ -16,6 +16,7 @@ use std::fs::File;
 use std::io;
 use std::os::fd::RawFd;
 use std::sync::Arc;
+use std::time::Duration;
 
 pub(crate) use file::open;
 pub(crate) use iovec::{Direction, IoBuffers};
@@ -57,6 +58,14 @@ pub enum StorageError {
         /// The underlying error.
         #[source]
         source: vm_memory::GuestMemoryError,
+    },
+    /// The operation was cancelled ([`Engine::cancel`]) before it finished.
+    #[error("{op} at byte {offset} was cancelled")]
+    Cancelled {
+        /// The operation.
+        op: &'static str,
+        /// Its byte offset in the storage.
+        offset: u64,
     },
     /// The io_uring instance failed.
     #[error("io_uring {what} failed")]
@@ -144,6 +153,14 @@ pub(crate) trait Engine: Send + Debug {
 
     /// Operations enqueued and not yet reaped.
     fn in_flight(&self) -> usize;
+
+    /// Asks every operation not yet finished to stop: it then completes with
+    /// [`StorageError::Cancelled`], possibly after part of its transfer was done (the request
+    /// must be carried out again as a whole). An operation the kernel cannot stop any more
+    /// completes as usual. Completions still arrive through [`Engine::reap`]; nothing is left
+    /// in the kernel once every operation has been reaped. The default cancels nothing (the
+    /// synchronous engines finish each operation inside `enqueue`).
+    fn cancel(&mut self) {}
 }
 
 /// Whether `e` means the operation is not implemented for this file.
@@ -187,13 +204,14 @@ pub(crate) fn new_engine(
     kind: EngineKind,
     file: Option<&Arc<File>>,
     depth: u32,
+    delay: Duration,
 ) -> Box<dyn Engine> {
     let Some(file) = file else {
         return Box::new(NullEngine::new());
     };
     match kind {
         EngineKind::Sync => Box::new(SyncEngine::new(file.clone())),
-        EngineKind::Uring => match UringEngine::new(file.clone(), depth) {
+        EngineKind::Uring => match UringEngine::new(file.clone(), depth, delay) {
             Ok(e) => Box::new(e),
             Err(e) => {
                 log::warn!(

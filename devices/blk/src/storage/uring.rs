@@ -5,6 +5,11 @@
 //! Every operation in the kernel is owned by the engine until its completion is reaped: its
 //! [`IoBuffers`] keep the guest mapping and the iovec array alive. Dropping the engine waits for
 //! every operation still in the kernel, so the kernel never writes to memory that was freed.
+//!
+//! [`Engine::cancel`] submits one `IORING_OP_ASYNC_CANCEL` for every operation of the ring
+//! (`IORING_ASYNC_CANCEL_ANY`); what the kernel stops completes with `-ECANCELED`, what it can
+//! no longer stop completes as usual. For tests of that path an engine can hold each operation
+//! back for a while first (`delay`: a timeout linked before it, which the cancel stops too).
 #![allow(unsafe_code)]
 
 use std::collections::VecDeque;
@@ -12,6 +17,7 @@ use std::fs::File;
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
+use std::time::Duration;
 
 use io_uring::register::Restriction;
 use io_uring::{opcode, squeue, types, IoUring};
@@ -51,7 +57,18 @@ pub(crate) struct UringEngine {
     support: FallocateSupport,
     zeroes: Arc<ZeroBuffer>,
     cqes: Vec<(u64, i32)>,
+    /// Tests only: each operation waits this long behind a linked timeout (read by the kernel
+    /// when the timeout is submitted; boxed so that its address stays put).
+    delay: Option<Box<types::Timespec>>,
+    /// Set by [`Engine::cancel`] until nothing is left: operations that do not finish now
+    /// complete as cancelled instead of being retried.
+    cancelling: bool,
 }
+
+/// `user_data` of a delay timeout (the low bits: its operation's slot).
+const TIMER_TAG: u64 = 1 << 62;
+/// `user_data` of a cancel request.
+const CANCEL_TAG: u64 = 1 << 63;
 
 impl std::fmt::Debug for UringEngine {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -67,23 +84,32 @@ impl std::fmt::Debug for UringEngine {
 
 /// Registers the disk as the ring's only file and restricts the ring (IORING_REGISTER_RESTRICTIONS)
 /// to what the engine submits: readv, writev, write, fsync and fallocate, each on that fixed
-/// file; no other opcode, no flag but IOSQE_FIXED_FILE, no register operation once enabled. A
+/// file, and cancels of its own operations (with `delay`, also timeouts linked to them); no
+/// other opcode, no flag but IOSQE_FIXED_FILE, no register operation once enabled. A
 /// compromised worker cannot use the ring to open, read or write anything else (seccomp does not
 /// see the operations a ring carries out). Then enables the ring.
-fn restrict(ring: &IoUring, disk: RawFd) -> Result<(), StorageError> {
+fn restrict(ring: &IoUring, disk: RawFd, delay: bool) -> Result<(), StorageError> {
     let ring_err = |what| move |source| StorageError::Ring { what, source };
     let submitter = ring.submitter();
     submitter
         .register_files(&[disk])
         .map_err(ring_err("registering the disk file"))?;
-    let mut restrictions = [
+    let mut restrictions = vec![
         Restriction::sqe_op(opcode::Readv::CODE),
         Restriction::sqe_op(opcode::Writev::CODE),
         Restriction::sqe_op(opcode::Write::CODE),
         Restriction::sqe_op(opcode::Fsync::CODE),
         Restriction::sqe_op(opcode::Fallocate::CODE),
+        // Cancels act on this ring's own operations only.
+        Restriction::sqe_op(opcode::AsyncCancel2::CODE),
         Restriction::sqe_flags_required(squeue::Flags::FIXED_FILE.bits()),
     ];
+    if delay {
+        restrictions.push(Restriction::sqe_op(opcode::Timeout::CODE));
+        restrictions.push(Restriction::sqe_flags_allowed(
+            squeue::Flags::IO_LINK.bits(),
+        ));
+    }
     submitter
         .register_restrictions(&mut restrictions)
         .map_err(ring_err("restricting the ring"))?;
@@ -94,8 +120,8 @@ fn restrict(ring: &IoUring, disk: RawFd) -> Result<(), StorageError> {
 
 impl UringEngine {
     /// A ring of `depth` entries (clamped to 8..=4096) on `file`, its completions signalled on a
-    /// new eventfd.
-    pub fn new(file: Arc<File>, depth: u32) -> Result<Self, StorageError> {
+    /// new eventfd. A non-zero `delay` holds every operation back that long (tests only).
+    pub fn new(file: Arc<File>, depth: u32, delay: Duration) -> Result<Self, StorageError> {
         // Created disabled, so that it can be restricted before it runs anything.
         let ring = IoUring::builder()
             .setup_r_disabled()
@@ -114,7 +140,7 @@ impl UringEngine {
                 what: "eventfd registration",
                 source,
             })?;
-        restrict(&ring, file.as_raw_fd())?;
+        restrict(&ring, file.as_raw_fd(), !delay.is_zero())?;
         let max_in_kernel = ring.params().cq_entries() as usize;
         Ok(UringEngine {
             ring,
@@ -129,6 +155,8 @@ impl UringEngine {
             support: FallocateSupport::default(),
             zeroes: Arc::new(ZeroBuffer::new()),
             cqes: Vec::new(),
+            delay: (!delay.is_zero()).then(|| Box::new(types::Timespec::from(delay))),
+            cancelling: false,
         })
     }
 
@@ -194,7 +222,10 @@ impl UringEngine {
 
     /// Pushes backlogged operations while the rings have room.
     fn push_backlog(&mut self) {
-        while self.in_kernel < self.max_in_kernel {
+        // Each operation takes one entry, two with its delay timeout (linked, so pushed
+        // together); one completion stays free for a cancel request.
+        let per_op = if self.delay.is_some() { 2 } else { 1 };
+        while self.in_kernel + per_op < self.max_in_kernel {
             let Some(&id) = self.backlog.front() else {
                 break;
             };
@@ -203,12 +234,24 @@ impl UringEngine {
                 continue;
             };
             let entry = self.entry(id, slot);
-            // SAFETY: every buffer the entry refers to stays valid until its completion is
-            // reaped: the iovec array and the memory it points to belong to the slot's
-            // IoBuffers (which also hold the guest mapping), the zero buffer to the engine,
-            // and slots are only freed when their completion arrives; Drop waits for every
-            // operation in the kernel.
-            let pushed = unsafe { self.ring.submission().push(&entry) };
+            let mut entries = vec![];
+            if let Some(ts) = &self.delay {
+                let ts: &types::Timespec = ts;
+                entries.push(
+                    opcode::Timeout::new(ts)
+                        .flags(types::TimeoutFlags::ETIME_SUCCESS)
+                        .build()
+                        .flags(squeue::Flags::IO_LINK | squeue::Flags::FIXED_FILE)
+                        .user_data(TIMER_TAG | id as u64),
+                );
+            }
+            entries.push(entry);
+            // SAFETY: every buffer the entries refer to stays valid until their completions
+            // are reaped: the iovec array and the memory it points to belong to the slot's
+            // IoBuffers (which also hold the guest mapping), the zero buffer and the delay's
+            // timespec to the engine, and slots are only freed when their completion arrives;
+            // Drop waits for every operation in the kernel.
+            let pushed = unsafe { self.ring.submission().push_multiple(&entries) };
             if pushed.is_err() {
                 // The submission queue is full: hand it to the kernel and try again later.
                 if let Err(e) = self.ring.submit() {
@@ -220,7 +263,7 @@ impl UringEngine {
                 continue;
             }
             self.backlog.pop_front();
-            self.in_kernel += 1;
+            self.in_kernel += per_op;
         }
     }
 
@@ -232,6 +275,14 @@ impl UringEngine {
         };
         let op = slot.op.name();
         let offset = slot.op.offset();
+        let unfinished = res < 0
+            || matches!(&slot.op, Op::Read { bufs, .. } | Op::Write { bufs, .. }
+                if bufs.remaining() > res as usize);
+        if self.cancelling && unfinished {
+            // Stopped (or failed, or short) while cancelling: the request is carried out again
+            // as a whole later, so this part is not retried now.
+            return self.finish(id, Err(StorageError::Cancelled { op, offset }));
+        }
         if res < 0 {
             let source = io::Error::from_raw_os_error(-res);
             if is_transient(&source) {
@@ -303,6 +354,11 @@ impl UringEngine {
         let any = !cqes.is_empty();
         for &(id, res) in &cqes {
             self.in_kernel = self.in_kernel.saturating_sub(1);
+            if id & (TIMER_TAG | CANCEL_TAG) != 0 {
+                // A delay ran out or was cancelled, or a cancel request finished: the
+                // operations themselves complete on their own entries.
+                continue;
+            }
             self.complete(id as usize, res);
         }
         cqes.clear();
@@ -377,6 +433,9 @@ impl Engine for UringEngine {
                 self.submit();
             }
         }
+        if self.cancelling && self.in_kernel == 0 && self.backlog.is_empty() {
+            self.cancelling = false;
+        }
         done.append(&mut self.done);
     }
 
@@ -397,6 +456,44 @@ impl Engine for UringEngine {
 
     fn in_flight(&self) -> usize {
         self.slots.len() - self.free.len() + self.done.len()
+    }
+
+    fn cancel(&mut self) {
+        // What never reached the kernel is cancelled here and now.
+        let waiting: Vec<usize> = self.backlog.drain(..).collect();
+        for id in waiting {
+            if let Some(slot) = self.slots.get(id).and_then(Option::as_ref) {
+                let (op, offset) = (slot.op.name(), slot.op.offset());
+                self.finish(id, Err(StorageError::Cancelled { op, offset }));
+            }
+        }
+        if self.in_kernel == 0 {
+            return;
+        }
+        self.cancelling = true;
+        // One request cancels everything of this ring the kernel can still stop. Its
+        // completion is counted in `in_kernel` like any other; `push_backlog` keeps room for it.
+        let entry = opcode::AsyncCancel2::new(types::CancelBuilder::any())
+            .build()
+            .flags(squeue::Flags::FIXED_FILE)
+            .user_data(CANCEL_TAG);
+        // SAFETY: a cancel request refers to no memory.
+        if unsafe { self.ring.submission().push(&entry) }.is_err() {
+            if let Err(e) = self.ring.submit() {
+                log::warn!("virtio-blk: cannot submit to cancel io_uring operations: {e}");
+                return;
+            }
+            // SAFETY: as above.
+            if unsafe { self.ring.submission().push(&entry) }.is_err() {
+                return;
+            }
+        }
+        self.in_kernel += 1;
+        if let Err(e) = self.ring.submit() {
+            if !is_transient(&e) && e.raw_os_error() != Some(libc::EBUSY) {
+                log::warn!("virtio-blk: cannot submit an io_uring cancel: {e}");
+            }
+        }
     }
 }
 
@@ -461,7 +558,7 @@ mod tests {
 
     fn engine(file: &vmm_sys_util::tempfile::TempFile) -> UringEngine {
         let file = Arc::new(file.as_file().try_clone().unwrap());
-        UringEngine::new(file, 8).expect("io_uring is needed for this test")
+        UringEngine::new(file, 8, Duration::ZERO).expect("io_uring is needed for this test")
     }
 
     /// Runs `ops` to completion; returns their results in token order.
@@ -516,6 +613,79 @@ mod tests {
         let mut disk = vec![0u8; 1 << 20];
         file.as_file().read_exact_at(&mut disk, 0).unwrap();
         assert!(disk.iter().all(|&b| b == 0xaa));
+    }
+
+    fn writes(mem: &Arc<GuestMemoryMmap>, n: u64) -> Vec<Op> {
+        (0..n)
+            .map(|i| {
+                mem.write_slice(&[i as u8 + 1; 512], GuestAddress(i * 512))
+                    .unwrap();
+                let seg = Segment {
+                    addr: GuestAddress(i * 512),
+                    len: 512,
+                };
+                let bufs = IoBuffers::new(mem, vec![seg], Direction::FromGuest, 1).unwrap();
+                Op::Write {
+                    offset: i * 512,
+                    bufs,
+                    durable: false,
+                }
+            })
+            .collect()
+    }
+
+    #[test]
+    fn cancel_stops_operations_still_in_the_kernel_and_they_never_reach_the_file() {
+        let file = temp_file(1 << 20, 0);
+        let disk = Arc::new(file.as_file().try_clone().unwrap());
+        // Each operation waits 20 s behind its timeout: they are all still in the kernel (or
+        // in the backlog, past the ring's size) when the cancel comes.
+        let mut e = UringEngine::new(disk, 8, Duration::from_secs(20)).unwrap();
+        let mem = Arc::new(GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap());
+        for (i, op) in writes(&mem, 20).into_iter().enumerate() {
+            e.enqueue(i as u64, op);
+        }
+        e.submit();
+        let started = std::time::Instant::now();
+        e.cancel();
+        let mut done = Vec::new();
+        while done.len() < 20 {
+            e.wait().unwrap();
+            e.reap(&mut done);
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "the cancel waited"
+        );
+        for c in &done {
+            assert!(
+                matches!(c.result, Err(StorageError::Cancelled { .. })),
+                "{:?}",
+                c.result
+            );
+        }
+        assert_eq!(e.in_flight(), 0);
+        let mut b = vec![0u8; 20 * 512];
+        file.as_file().read_exact_at(&mut b, 0).unwrap();
+        assert!(
+            b.iter().all(|&x| x == 0),
+            "a cancelled write reached the file"
+        );
+        // The engine works normally afterwards (the delay still applies, so it is not used).
+        assert!(!e.cancelling);
+    }
+
+    #[test]
+    fn cancel_after_completion_changes_nothing() {
+        let file = temp_file(1 << 20, 0);
+        let mut e = engine(&file);
+        let mem = Arc::new(GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap());
+        assert!(run(&mut e, writes(&mem, 4)).iter().all(Result::is_ok));
+        e.cancel();
+        assert!(run(&mut e, writes(&mem, 4)).iter().all(Result::is_ok));
+        let mut b = [0u8; 512];
+        file.as_file().read_exact_at(&mut b, 3 * 512).unwrap();
+        assert_eq!(b, [4; 512]);
     }
 
     #[test]
