@@ -13,6 +13,10 @@
 # Environment as run-migrate-blk.sh (OUTBOARD_GUEST_*, OUTBOARD_MIGRATE_*), plus
 # OUTBOARD_MIGRATE_NET_DURATION (seconds of traffic, default 30) and
 # OUTBOARD_MIGRATE_NET_MAX_LOST (pings, default 25 = 5 s).
+# Control experiment (not used by the tests): OUTBOARD_MIGRATE_NET_NETDEV=tap runs the same guest
+# and migration without vhost-user: SRC_SOCKET and DST_SOCKET then name two TAPs in NETNS
+# (created by the caller with `ip tuntap add NAME mode tap multi_queue` and put on the bridge),
+# and each QEMU runs inside NETNS with its own virtio-net on its TAP (`-netdev tap,vhost=off`).
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -30,6 +34,7 @@ MIGRATE_TIMEOUT="${OUTBOARD_MIGRATE_TIMEOUT:-90}"
 GUEST_SCRIPT="${OUTBOARD_GUEST_SCRIPT:-$HERE/migrate-net-guest.sh}"
 DURATION="${OUTBOARD_MIGRATE_NET_DURATION:-30}"
 MAX_LOST="${OUTBOARD_MIGRATE_NET_MAX_LOST:-25}"
+NETDEV_MODE="${OUTBOARD_MIGRATE_NET_NETDEV:-vhost-user}"
 
 setup_error() { echo "run-migrate-net: $*" >&2; exit 2; }
 [[ $# -eq 6 || $# -eq 7 ]] || { echo "usage: $0 SRC_SOCKET DST_SOCKET NETNS PEER_IP GUEST_IP MAC [QUEUE_PAIRS]" >&2; exit 2; }
@@ -44,9 +49,17 @@ PEER_IP="$4"
 GUEST_IP="$5"
 MAC="$6"
 ip netns list | awk '{print $1}' | grep -qx "$NETNS" || setup_error "no network namespace $NETNS"
-for s in "$SRC_SOCK" "$DST_SOCK"; do
-    [[ -S $s ]] || setup_error "$s is not a listening unix socket (start the backends first)"
-done
+case "$NETDEV_MODE" in
+    vhost-user)
+        for s in "$SRC_SOCK" "$DST_SOCK"; do
+            [[ -S $s ]] || setup_error "$s is not a listening unix socket (start the backends first)"
+        done;;
+    tap)
+        for s in "$SRC_SOCK" "$DST_SOCK"; do
+            ip -n "$NETNS" link show "$s" >/dev/null 2>&1 || setup_error "no TAP $s in $NETNS"
+        done;;
+    *) setup_error "OUTBOARD_MIGRATE_NET_NETDEV must be vhost-user or tap";;
+esac
 [[ $SRC_SOCK != "$DST_SOCK" ]] || setup_error "source and destination need a backend each"
 [[ -f $GUEST_SCRIPT ]] || setup_error "guest script $GUEST_SCRIPT missing"
 command -v python3 >/dev/null || setup_error "python3 is needed for the QMP client"
@@ -126,8 +139,15 @@ EXTRA=(${OUTBOARD_GUEST_QEMU_ARGS:-})
 # the log files, QMP socket and backend socket (and -incoming, added below).
 qemu_cmd() {
     local side="$1" sock="$2"
+    local netdev=(-chardev "socket,id=c0,path=$sock" -netdev "vhost-user,chardev=c0,id=n0,queues=$PAIRS")
+    local prefix=()
+    if [[ $NETDEV_MODE == tap ]]; then
+        netdev=(-netdev "tap,id=n0,ifname=$sock,script=no,downscript=no,vhost=off,queues=$PAIRS")
+        prefix=(ip netns exec "$NETNS")
+    fi
     # shellcheck disable=SC2054  # commas are QEMU option syntax
     QEMU_CMD=(
+        "${prefix[@]}"
         "$OUTBOARD_QEMU"
         -name "outboard-$side"
         -nodefaults -no-user-config -display none
@@ -143,8 +163,7 @@ qemu_cmd() {
         -no-reboot
         -serial "file:$OUT/$side-console.log" -serial "file:$OUT/$side-results.log"
         -qmp "unix:$OUT/$side.qmp,server=on,wait=off"
-        -chardev "socket,id=c0,path=$sock"
-        -netdev "vhost-user,chardev=c0,id=n0,queues=$PAIRS"
+        "${netdev[@]}"
         -device "virtio-net-pci,netdev=n0,mac=$MAC,vectors=0$MQ"
         -fw_cfg "name=opt/outboard/script,file=$GUEST_SCRIPT"
         -fw_cfg "name=opt/outboard/ip,string=$GUEST_IP"
