@@ -638,3 +638,49 @@ fn a_port_without_receive_buffers_waits_without_spinning_and_loses_nothing() {
     let got: Vec<Vec<u8>> = drain(&mut b, 0).into_iter().map(|p| p.frame).collect();
     assert_eq!(got, frames);
 }
+
+/// A feature set that breaks an offload dependency of the specification (5.1.3.1) is refused:
+/// FEATURES_OK does not stick, as the VIRTIO specification has a device refuse features. The
+/// port serves the next driver with a valid set. Control-queue bits without the control queue
+/// are taken (a vhost-user frontend may keep the control queue itself).
+#[test]
+fn a_feature_without_the_feature_it_depends_on_is_refused() {
+    use outboard_frontend::device::SessionError;
+    use outboard_frontend::SessionBuilder;
+
+    const F_CSUM: u32 = 0;
+    const F_HOST_TSO4: u32 = 11;
+    const F_GUEST_ANNOUNCE: u32 = 21;
+    let sw = SwitchBackend::start("net-feature-deps", 1, &[]);
+    let version_1 = 1u64 << 32;
+    for (features, what) in [
+        (1u64 << F_GUEST_TSO4, "GUEST_TSO4 without GUEST_CSUM"),
+        (1u64 << F_HOST_TSO4, "HOST_TSO4 without CSUM"),
+        (
+            (1u64 << F_GUEST_ECN) | (1u64 << F_GUEST_CSUM),
+            "GUEST_ECN without GUEST_TSO4 or GUEST_TSO6",
+        ),
+    ] {
+        let r = SessionBuilder::new(&sw.sockets[0])
+            .features(features | version_1)
+            .handshake();
+        assert!(
+            matches!(r, Err(SessionError::FeaturesRejected { .. })),
+            "{what}: {:?}",
+            r.err()
+        );
+    }
+    // The same features with what they need are taken, so are control-queue bits alone.
+    for ok in [
+        (1u64 << F_HOST_TSO4) | (1u64 << F_CSUM),
+        (1u64 << F_GUEST_TSO4) | (1u64 << F_GUEST_CSUM),
+        1u64 << F_GUEST_ANNOUNCE,
+    ] {
+        let r = SessionBuilder::new(&sw.sockets[0])
+            .features(ok | version_1)
+            .handshake();
+        assert!(r.is_ok(), "{ok:#x}: {:?}", r.err());
+    }
+    let d = sw.connect(0, opts());
+    assert_eq!(d.config().max_virtqueue_pairs, 1);
+}

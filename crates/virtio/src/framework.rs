@@ -272,6 +272,13 @@ impl Framework {
         if self.acked == Some(acked) {
             return Ok(());
         }
+        if let Err(e) = self.device.check_features(acked) {
+            // No features stand: FEATURES_OK and DRIVER_OK are refused until the driver
+            // offers a set the device takes.
+            self.pause();
+            self.acked = None;
+            return Err(e.into());
+        }
         self.pause();
         self.device.ack_features(acked);
         self.acked = Some(acked);
@@ -557,6 +564,9 @@ impl Framework {
             let acked = features::negotiate(self.offered, fw.acked_features).map_err(|e| {
                 StateError::field("acked features", format!("not offered here: {e}"))
             })?;
+            self.device
+                .check_features(acked)
+                .map_err(|e| StateError::field("acked features", e.to_string()))?;
             if let Some(current) = self.acked {
                 if current != acked {
                     return Err(StateError::field(

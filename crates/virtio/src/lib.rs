@@ -87,6 +87,12 @@ pub enum DeviceError {
         /// Length of the write.
         len: usize,
     },
+    /// The driver's features do not go together (see `VirtioDevice::check_features`).
+    #[error("features refused: {reason}")]
+    FeaturesRefused {
+        /// What was wrong.
+        reason: String,
+    },
     /// The device could not start with what it was given.
     #[error("cannot activate the device: {reason}")]
     Activate {
@@ -127,8 +133,17 @@ pub trait VirtioDevice: Send {
     /// features it implements (VERSION_1, RING_EVENT_IDX, INDIRECT_DESC, …).
     fn device_features(&self) -> u64;
 
-    /// The driver's choice of features (always a subset of those offered). Called before
-    /// `activate`, and again after a reset.
+    /// Whether the device accepts the driver's choice of features (a subset of those offered):
+    /// a set the device cannot work with (a feature without one it depends on) is refused, and
+    /// the driver sees FEATURES_OK fail to stick, as the VIRTIO specification has it. The
+    /// default accepts every subset.
+    fn check_features(&self, features: u64) -> Result<(), DeviceError> {
+        let _ = features;
+        Ok(())
+    }
+
+    /// The driver's choice of features (always a subset of those offered, and accepted by
+    /// `check_features`). Called before `activate`, and again after a reset.
     fn ack_features(&mut self, features: u64);
 
     /// The size of the device-specific configuration space in bytes.

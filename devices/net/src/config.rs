@@ -12,10 +12,10 @@ use virtio_bindings::virtio_net::{
     VIRTIO_NET_F_CSUM, VIRTIO_NET_F_CTRL_MAC_ADDR, VIRTIO_NET_F_CTRL_RX,
     VIRTIO_NET_F_CTRL_RX_EXTRA, VIRTIO_NET_F_CTRL_VLAN, VIRTIO_NET_F_CTRL_VQ,
     VIRTIO_NET_F_GUEST_ANNOUNCE, VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_ECN,
-    VIRTIO_NET_F_GUEST_TSO4, VIRTIO_NET_F_GUEST_TSO6, VIRTIO_NET_F_HOST_ECN,
-    VIRTIO_NET_F_HOST_TSO4, VIRTIO_NET_F_HOST_TSO6, VIRTIO_NET_F_MAC, VIRTIO_NET_F_MQ,
-    VIRTIO_NET_F_MRG_RXBUF, VIRTIO_NET_F_MTU, VIRTIO_NET_F_STATUS, VIRTIO_NET_S_ANNOUNCE,
-    VIRTIO_NET_S_LINK_UP,
+    VIRTIO_NET_F_GUEST_TSO4, VIRTIO_NET_F_GUEST_TSO6, VIRTIO_NET_F_GUEST_UFO,
+    VIRTIO_NET_F_HOST_ECN, VIRTIO_NET_F_HOST_TSO4, VIRTIO_NET_F_HOST_TSO6, VIRTIO_NET_F_HOST_UFO,
+    VIRTIO_NET_F_MAC, VIRTIO_NET_F_MQ, VIRTIO_NET_F_MRG_RXBUF, VIRTIO_NET_F_MTU,
+    VIRTIO_NET_F_STATUS, VIRTIO_NET_S_ANNOUNCE, VIRTIO_NET_S_LINK_UP,
 };
 
 use crate::NetError;
@@ -303,6 +303,75 @@ pub struct Negotiated {
     pub host: Offloads,
     /// What the device may deliver (`GUEST_CSUM`, `GUEST_TSO4/6`, `GUEST_ECN`).
     pub guest: Offloads,
+}
+
+/// The offload dependencies of the virtio-net specification (5.1.3.1): a feature and the
+/// features of which it needs at least one. A device asked to segment or checksum without the
+/// feature that makes such frames valid would carry out something the driver cannot mean.
+///
+/// The control-queue dependencies (CTRL_RX, CTRL_VLAN, GUEST_ANNOUNCE, MQ, CTRL_MAC_ADDR need
+/// CTRL_VQ) are not enforced: over vhost-user the frontend may keep the control queue to itself
+/// and still pass those bits on (QEMU 7.2 sends GUEST_ANNOUNCE without CTRL_VQ); the device then
+/// treats them as off.
+const DEPENDENCIES: &[(u32, &str, &[(u32, &str)])] = &[
+    (
+        VIRTIO_NET_F_GUEST_TSO4,
+        "GUEST_TSO4",
+        &[(VIRTIO_NET_F_GUEST_CSUM, "GUEST_CSUM")],
+    ),
+    (
+        VIRTIO_NET_F_GUEST_TSO6,
+        "GUEST_TSO6",
+        &[(VIRTIO_NET_F_GUEST_CSUM, "GUEST_CSUM")],
+    ),
+    (
+        VIRTIO_NET_F_GUEST_UFO,
+        "GUEST_UFO",
+        &[(VIRTIO_NET_F_GUEST_CSUM, "GUEST_CSUM")],
+    ),
+    (
+        VIRTIO_NET_F_GUEST_ECN,
+        "GUEST_ECN",
+        &[
+            (VIRTIO_NET_F_GUEST_TSO4, "GUEST_TSO4"),
+            (VIRTIO_NET_F_GUEST_TSO6, "GUEST_TSO6"),
+        ],
+    ),
+    (
+        VIRTIO_NET_F_HOST_TSO4,
+        "HOST_TSO4",
+        &[(VIRTIO_NET_F_CSUM, "CSUM")],
+    ),
+    (
+        VIRTIO_NET_F_HOST_TSO6,
+        "HOST_TSO6",
+        &[(VIRTIO_NET_F_CSUM, "CSUM")],
+    ),
+    (
+        VIRTIO_NET_F_HOST_UFO,
+        "HOST_UFO",
+        &[(VIRTIO_NET_F_CSUM, "CSUM")],
+    ),
+    (
+        VIRTIO_NET_F_HOST_ECN,
+        "HOST_ECN",
+        &[
+            (VIRTIO_NET_F_HOST_TSO4, "HOST_TSO4"),
+            (VIRTIO_NET_F_HOST_TSO6, "HOST_TSO6"),
+        ],
+    ),
+];
+
+/// Why a driver's feature set breaks an offload dependency of the specification (5.1.3.1: "the
+/// driver MUST NOT negotiate" such a set), if it does. The device then refuses FEATURES_OK.
+pub fn feature_dependency_violation(acked: u64) -> Option<String> {
+    let has = |b: u32| acked & bit(b) != 0;
+    DEPENDENCIES.iter().find_map(|(feature, name, needs)| {
+        (has(*feature) && !needs.iter().any(|(n, _)| has(*n))).then(|| {
+            let names: Vec<&str> = needs.iter().map(|(_, n)| *n).collect();
+            format!("{name} needs {}", names.join(" or "))
+        })
+    })
 }
 
 impl Negotiated {

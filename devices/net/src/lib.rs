@@ -324,6 +324,13 @@ impl VirtioDevice for Net {
         self.spec.features()
     }
 
+    fn check_features(&self, features: u64) -> Result<(), DeviceError> {
+        match config::feature_dependency_violation(features) {
+            None => Ok(()),
+            Some(reason) => Err(DeviceError::FeaturesRefused { reason }),
+        }
+    }
+
     fn ack_features(&mut self, features: u64) {
         self.negotiated = Negotiated::from_features(features);
         self.shared.rx_mut().filter.vlan_filtering = self.negotiated.ctrl_vlan;

@@ -739,3 +739,41 @@ fn state_round_trips_and_refuses_other_devices() {
     assert!(net.state().mode.promisc, "reset restores the defaults");
     assert_eq!(net.state().pairs, 1);
 }
+
+#[test]
+fn feature_sets_that_break_a_dependency_of_the_specification_are_refused() {
+    let f = |bits: &[u32]| bits.iter().fold(0u64, |acc, b| acc | bit(*b));
+    let refused = |bits: &[u32]| crate::config::feature_dependency_violation(f(bits));
+    assert_eq!(refused(&[]), None);
+    assert_eq!(
+        refused(&[
+            VIRTIO_NET_F_GUEST_CSUM,
+            VIRTIO_NET_F_GUEST_TSO4,
+            VIRTIO_NET_F_GUEST_ECN
+        ]),
+        None
+    );
+    assert_eq!(
+        refused(&[VIRTIO_NET_F_CTRL_VQ, VIRTIO_NET_F_MQ, VIRTIO_NET_F_CTRL_RX]),
+        None
+    );
+    assert_eq!(
+        refused(&[VIRTIO_NET_F_HOST_TSO6]).as_deref(),
+        Some("HOST_TSO6 needs CSUM")
+    );
+    assert_eq!(
+        refused(&[VIRTIO_NET_F_CSUM, VIRTIO_NET_F_HOST_ECN]).as_deref(),
+        Some("HOST_ECN needs HOST_TSO4 or HOST_TSO6")
+    );
+    // Control-queue bits without the control queue are tolerated (QEMU keeps the queue and
+    // still passes GUEST_ANNOUNCE on).
+    assert_eq!(
+        refused(&[VIRTIO_NET_F_GUEST_ANNOUNCE, VIRTIO_NET_F_MQ]),
+        None
+    );
+    // The device's own check says the same.
+    let switch = Switch::new(1, 2, SwitchConfig::default()).unwrap();
+    let net = Net::new(config(MAC_A, 2), Box::new(switch.port(0))).unwrap();
+    assert!(net.check_features(f(&[VIRTIO_NET_F_GUEST_TSO4])).is_err());
+    assert!(net.check_features(all_features(&net)).is_ok());
+}
