@@ -305,6 +305,9 @@ pub struct Negotiated {
     pub guest: Offloads,
 }
 
+/// A feature bit and its name in the specification.
+type Named = (u32, &'static str);
+
 /// The offload dependencies of the virtio-net specification (5.1.3.1): a feature and the
 /// features of which it needs at least one. A device asked to segment or checksum without the
 /// feature that makes such frames valid would carry out something the driver cannot mean.
@@ -313,7 +316,7 @@ pub struct Negotiated {
 /// CTRL_VQ) are not enforced: over vhost-user the frontend may keep the control queue to itself
 /// and still pass those bits on (QEMU 7.2 sends GUEST_ANNOUNCE without CTRL_VQ); the device then
 /// treats them as off.
-const DEPENDENCIES: &[(u32, &str, &[(u32, &str)])] = &[
+const DEPENDENCIES: &[(u32, &str, &[Named])] = &[
     (
         VIRTIO_NET_F_GUEST_TSO4,
         "GUEST_TSO4",
