@@ -1,6 +1,7 @@
 //! Crash recovery of `vhost-user-blk`: the real `outboard-migrate` runner kills the real backend
-//! with SIGKILL a thousand times under a verifying workload (at random moments, and at every
-//! fault point with both actions), restarts it on the same socket and reconnects the way QEMU
+//! with SIGKILL a thousand times under a verifying workload (at random moments, at every fault
+//! point with both actions, and after stopping every ring with GET_VRING_BASE_SKIP_DRAIN while
+//! requests wait in the kernel), restarts it on the same socket and reconnects the way QEMU
 //! does. Nothing in flight may be lost, completed twice or corrupted. Also: the inflight
 //! messages refuse what a frontend must not send, with the backend still serving.
 
@@ -66,6 +67,20 @@ fn a_thousand_kills_under_load_lose_no_write_and_visit_every_fault_point() {
             assert!(n >= Some(1), "{point}:{action} never exercised: {kills:?}");
         }
     }
+    // Every fifth fault slot stops the rings with GET_VRING_BASE_SKIP_DRAIN while requests
+    // wait in the kernel; what it leaves unanswered comes back in the next process.
+    assert!(
+        kills.get("skip-drain").and_then(Value::as_u64) >= Some(10),
+        "{kills:?}"
+    );
+    assert!(
+        report["crash"]["unanswered_after_skip_drain"]
+            .as_u64()
+            .unwrap()
+            > 100,
+        "{}",
+        report["crash"]
+    );
     assert!(
         report["crash"]["in_flight_at_kills"].as_u64().unwrap() > 1000,
         "the kills must catch requests in flight: {}",

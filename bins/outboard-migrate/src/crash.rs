@@ -10,6 +10,13 @@
 //! `--fault-every`-th restart, walking every point with both actions (`stop`: the runner kills
 //! the stopped process; `exit`: it dies by itself); elsewhere `{fault}` is empty. A backend
 //! without INFLIGHT_SHMFD cannot recover requests in flight: the runner says so and stops.
+//!
+//! When the backend offers GET_VRING_BASE_SKIP_DRAIN (and the template has `{fault}`), every
+//! fifth fault slot is a `skip-drain` kill instead: the process is started with Outboard's
+//! test-only `--io-delay-ms 20` (each storage operation waits 20 ms in the kernel), the runner
+//! fills the rings, stops every ring with GET_VRING_BASE_SKIP_DRAIN, checks that nothing is
+//! answered afterwards (a suspended device must not touch guest memory), and kills the process:
+//! the requests it cancelled must come back from the inflight record in the next process.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -24,6 +31,7 @@ use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use crate::backend::{self, BackendProcess};
 use crate::report::{spread, Progress, Report};
 use crate::Cli;
+use outboard_frontend::connection::PROTOCOL_F_SKIP_DRAIN;
 
 /// The fault points of Outboard's backends (`--fault-point`).
 const POINTS: [&str; 4] = [
@@ -40,20 +48,26 @@ enum Kill {
     Random,
     /// At a fault point: (point, pass, action).
     Fault(&'static str, u64, &'static str),
+    /// Every ring stopped with GET_VRING_BASE_SKIP_DRAIN while requests wait in the kernel.
+    SkipDrain,
 }
+
+/// How long a `skip-drain` process holds each storage operation back.
+const SKIP_DRAIN_IO_DELAY_MS: u64 = 20;
 
 impl Kill {
     fn arg(&self) -> String {
         match self {
             Kill::Random => String::new(),
             Kill::Fault(p, n, a) => format!("--fault-point {p}@{n}:{a}"),
+            Kill::SkipDrain => format!("--io-delay-ms {SKIP_DRAIN_IO_DELAY_MS}"),
         }
     }
 
     /// What the backend prints when it reaches the fault point.
     fn marker(&self) -> Option<String> {
         match self {
-            Kill::Random => None,
+            Kill::Random | Kill::SkipDrain => None,
             Kill::Fault(p, _, _) => Some(format!("outboard-fault: {p} reached")),
         }
     }
@@ -62,6 +76,7 @@ impl Kill {
         match self {
             Kill::Random => "random".into(),
             Kill::Fault(p, _, a) => format!("{p}:{a}"),
+            Kill::SkipDrain => "skip-drain".into(),
         }
     }
 }
@@ -73,6 +88,8 @@ struct Crasher<'a> {
     sock: std::path::PathBuf,
     started: u32,
     rng: u64,
+    /// The backend offers GET_VRING_BASE_SKIP_DRAIN.
+    skip_drain: bool,
 }
 
 impl Crasher<'_> {
@@ -102,6 +119,9 @@ impl Crasher<'_> {
             return Kill::Random;
         }
         let k = (i / fault_every) as usize;
+        if self.skip_drain && k % 5 == 4 {
+            return Kill::SkipDrain;
+        }
         let point = POINTS[k % POINTS.len()];
         let action = if (k / POINTS.len()).is_multiple_of(2) {
             "stop"
@@ -122,6 +142,8 @@ struct Stats {
     /// From the kill to the first completion afterwards.
     pause: Vec<f64>,
     in_flight_at_kill: u64,
+    /// Requests a GET_VRING_BASE_SKIP_DRAIN left unanswered (cancelled).
+    cancelled: u64,
 }
 
 fn summary(v: &mut [f64]) -> serde_json::Value {
@@ -155,6 +177,7 @@ pub fn run_crash(
         sock: dir.join("crash.sock"),
         started: 0,
         rng: cli.seed | 1,
+        skip_drain: false,
     };
     let timeout = Duration::from_secs(cli.timeout);
     let mut kill = c.plan(0, fault_every, faults);
@@ -162,8 +185,19 @@ pub fn run_crash(
     let mut w = crate::blk_workload(
         cli,
         &proc,
-        migration_protocol_features() | VhostUserProtocolFeatures::INFLIGHT_SHMFD,
+        migration_protocol_features()
+            | VhostUserProtocolFeatures::INFLIGHT_SHMFD
+            | VhostUserProtocolFeatures::GET_VRING_BASE_INFLIGHT
+            | VhostUserProtocolFeatures::from_bits_retain(PROTOCOL_F_SKIP_DRAIN),
     )?;
+    c.skip_drain = faults
+        && w.driver.session().negotiated().protocol_acked.bits() & PROTOCOL_F_SKIP_DRAIN != 0;
+    if !c.skip_drain {
+        report.notes.push(
+            "no skip-drain kills: they need `{fault}` and a backend with GET_VRING_BASE_SKIP_DRAIN"
+                .into(),
+        );
+    }
     if !w.driver.session().has_inflight() {
         report.notes.push("the backend lacks the INFLIGHT_SHMFD protocol feature: requests in flight at a crash cannot be recovered, so crash recovery cannot be proved".into());
         bail!("the backend does not offer INFLIGHT_SHMFD");
@@ -203,6 +237,10 @@ pub fn run_crash(
                     }
                 }
                 // `exit` ends the process itself; `stop` leaves it for the kill.
+                proc.kill();
+            }
+            Kill::SkipDrain => {
+                stats.cancelled += skip_drain(&mut w, i)?;
                 proc.kill();
             }
         }
@@ -269,7 +307,7 @@ pub fn run_crash(
     w.run(cli.ops_per_hop, timeout)?;
     crate::settle(&mut w, timeout, report)?;
     report.notes.push(format!(
-        "crash: {count} kills ({}), {} requests in flight at the kills, all recovered; {early_faults} restarted processes reached their fault point before completing anything; reconnect {} / first completion {}",
+        "crash: {count} kills ({}), {} requests in flight at the kills ({} of them left unanswered by GET_VRING_BASE_SKIP_DRAIN: cancelled, or not yet taken), all recovered; {early_faults} restarted processes reached their fault point before completing anything; reconnect {} / first completion {}",
         stats
             .kills
             .iter()
@@ -277,6 +315,7 @@ pub fn run_crash(
             .collect::<Vec<_>>()
             .join(", "),
         stats.in_flight_at_kill,
+        stats.cancelled,
         summary(&mut stats.reconnect),
         summary(&mut stats.pause),
     ));
@@ -286,9 +325,41 @@ pub fn run_crash(
             "kills": stats.kills,
             "in_flight_at_kills": stats.in_flight_at_kill,
             "faults_before_first_completion": early_faults,
+            "unanswered_after_skip_drain": stats.cancelled,
             "reconnect": summary(&mut stats.reconnect),
             "pause": summary(&mut stats.pause),
         }),
     );
     Ok(())
+}
+
+/// Fills the rings, stops every ring with GET_VRING_BASE_SKIP_DRAIN while the requests wait in
+/// the kernel, takes what was answered before the stop, and checks that nothing is answered
+/// after it. Returns how many requests were left unanswered (cancelled, for the next process).
+fn skip_drain(w: &mut crate::workload::Workload, i: u32) -> anyhow::Result<u64> {
+    w.fill()?;
+    // Long enough for the backend to take them into the kernel, short of the delay.
+    std::thread::sleep(Duration::from_millis(SKIP_DRAIN_IO_DELAY_MS / 4));
+    for q in 0..w.driver.num_queues() as u16 {
+        w.driver.session().suspend_queue(q).with_context(|| {
+            format!(
+                "GET_VRING_BASE_SKIP_DRAIN of queue {q} before crash {}",
+                i + 1
+            )
+        })?;
+    }
+    // Answers published before the stop.
+    while w.reap(WaitMode::Block(Duration::from_millis(1)))? > 0 {}
+    let left = w.in_flight();
+    // A suspended device writes no guest memory: nothing may be answered now, even after the
+    // storage delay has run out.
+    std::thread::sleep(Duration::from_millis(3 * SKIP_DRAIN_IO_DELAY_MS));
+    let late = w.reap(WaitMode::Block(Duration::from_millis(1)))?;
+    if late > 0 {
+        bail!(
+            "before crash {}: {late} requests were answered after every ring was stopped with GET_VRING_BASE_SKIP_DRAIN",
+            i + 1
+        );
+    }
+    Ok(left as u64)
 }
