@@ -17,6 +17,11 @@
 # and migration without vhost-user: SRC_SOCKET and DST_SOCKET then name two TAPs in NETNS
 # (created by the caller with `ip tuntap add NAME mode tap multi_queue` and put on the bridge),
 # and each QEMU runs inside NETNS with its own virtio-net on its TAP (`-netdev tap,vhost=off`).
+# Diagnosis (not used by the tests): OUTBOARD_MIGRATE_NET_RAM_CHECK=1 starts the destination with
+# -S, so that it stays paused after the load, and compares the guest RAM of both sides then
+# (pmemsave into OUTBOARD_MIGRATE_NET_RAM_DIR, default /dev/shm; 2 x the guest's memory): no page
+# may differ. Differing pages are listed with whether they hold a ring or a buffer a descriptor
+# points to (from QEMU's view of the stopped source's rings); the destination then runs on.
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -35,6 +40,8 @@ GUEST_SCRIPT="${OUTBOARD_GUEST_SCRIPT:-$HERE/migrate-net-guest.sh}"
 DURATION="${OUTBOARD_MIGRATE_NET_DURATION:-30}"
 MAX_LOST="${OUTBOARD_MIGRATE_NET_MAX_LOST:-25}"
 NETDEV_MODE="${OUTBOARD_MIGRATE_NET_NETDEV:-vhost-user}"
+RAM_CHECK="${OUTBOARD_MIGRATE_NET_RAM_CHECK:-0}"
+RAM_DIR="${OUTBOARD_MIGRATE_NET_RAM_DIR:-/dev/shm}"
 
 setup_error() { echo "run-migrate-net: $*" >&2; exit 2; }
 [[ $# -eq 6 || $# -eq 7 ]] || { echo "usage: $0 SRC_SOCKET DST_SOCKET NETNS PEER_IP GUEST_IP MAC [QUEUE_PAIRS]" >&2; exit 2; }
@@ -87,9 +94,9 @@ done
 # of the JSON on stdin, empty if absent.
 QMP_PY="$OUT/qmp.py"
 cat >"$QMP_PY" <<'PY'
-import json, socket, sys
+import json, os, socket, sys
 sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-sock.settimeout(10)
+sock.settimeout(float(os.environ.get("QMP_TIMEOUT", "10")))
 sock.connect(sys.argv[1])
 f = sock.makefile("rwb")
 def read():
@@ -130,6 +137,40 @@ for k in sys.argv[1].split("."):
 print(v if not isinstance(v, (dict, list)) else json.dumps(v))
 PY
 qmp() { timeout 20 python3 "$QMP_PY" "$@"; }
+qmp_slow() { QMP_TIMEOUT=120 timeout 130 python3 "$QMP_PY" "$@"; }
+# ramdiff.py SRC DST [QUEUE_STATUS_JSON...]: the 4 KiB pages that differ between two RAM dumps,
+# each with the rings and descriptor buffers (of the queues given) it holds.
+RAMDIFF_PY="$OUT/ramdiff.py"
+cat >"$RAMDIFF_PY" <<'PY'
+import json, struct, sys
+PG = 4096
+def pages(addr, length):
+    return range(addr // PG, (addr + max(length, 1) - 1) // PG + 1)
+with open(sys.argv[1], "rb") as f:
+    src = f.read()
+with open(sys.argv[2], "rb") as f:
+    dst = f.read()
+tags = {}
+for q in (json.loads(a) for a in sys.argv[3:]):
+    n, i = q["vring-num"], q["queue-index"]
+    for name, addr, size in (("desc", q["vring-desc"], 16 * n), ("avail", q["vring-avail"], 6 + 2 * n),
+                             ("used", q["vring-used"], 6 + 8 * n)):
+        for p in pages(addr, size):
+            tags.setdefault(p, set()).add("%s%d" % (name, i))
+    for d in range(n):
+        addr, length, _, _ = struct.unpack_from("<QIHH", src, q["vring-desc"] + 16 * d)
+        if length and addr + length <= len(src):
+            for p in pages(addr, length):
+                tags.setdefault(p, set()).add("buffer%d" % i)
+diff = []
+for p in range(min(len(src), len(dst)) // PG):
+    a, b = src[p * PG:(p + 1) * PG], dst[p * PG:(p + 1) * PG]
+    if a != b:
+        diff.append((p, sum(x != y for x, y in zip(a, b))))
+print("MIGRATION ram-pages-differing %d" % len(diff))
+for p, n in diff[:40]:
+    print("MIGRATION ram-differs gpa %#x bytes %d holds [%s]" % (p * PG, n, ",".join(sorted(tags.get(p, ())))))
+PY
 jget() { python3 "$JGET_PY" "$1"; }
 
 # --- the two QEMUs --------------------------------------------------------------
@@ -284,7 +325,11 @@ SEND_PID=$!
 ip netns exec "$NETNS" timeout "$TIMEOUT" python3 "$RECV_PY" 5001 "$OUT/host-stream.txt" 2>"$OUT/host-recv.log" &
 NC_PID=$!
 start_qemu src "$SRC_SOCK"
-start_qemu dst "$DST_SOCK" -incoming defer
+if [[ $RAM_CHECK == 1 ]]; then
+    start_qemu dst "$DST_SOCK" -incoming defer -S
+else
+    start_qemu dst "$DST_SOCK" -incoming defer
+fi
 
 # run_phases: everything up to the guest's end; returns early on failure.
 run_phases() {
@@ -356,6 +401,9 @@ run_phases() {
     done
     echo "run-migrate-net: [$(elapsed)s] migration completed after $((SECONDS - t_mig))s"
     echo "$info" >"$OUT/query-migrate.json"
+    if [[ $RAM_CHECK == 1 ]]; then
+        ram_check || return
+    fi
     local k
     for k in total-time downtime setup-time; do
         echo "MIGRATION $k-ms $(jget "$k" <<<"$info")"
@@ -416,6 +464,32 @@ run_phases() {
     elif [[ $dst_rc -ne 0 ]]; then
         failure "destination QEMU exited with $dst_rc"
     fi
+}
+# ram_check: with the destination paused after the load (-S) and the source stopped, nothing
+# writes guest RAM on either side: compare them, then let the destination run.
+ram_check() {
+    local dumps="$RAM_DIR/outboard-ramcheck-$$" vpath q side statuses=() deadline n
+    deadline=$((SECONDS + 30))
+    until [[ $(qmp "$OUT/dst.qmp" 'query-migrate' | jget status) == completed ]]; do
+        (( SECONDS < deadline )) || { failure "destination did not complete the load within 30 s"; return 1; }
+        sleep 0.2
+    done
+    vpath="$(qmp "$OUT/src.qmp" 'x-query-virtio' \
+        | python3 -c 'import json, sys; print(next(d["path"] for d in json.load(sys.stdin) if d["name"] == "virtio-net"))')"
+    for ((q = 0; q <= 2 * PAIRS; q++)); do
+        statuses+=("$(qmp "$OUT/src.qmp" "x-query-virtio-queue-status {\"path\": \"$vpath\", \"queue\": $q}")")
+    done
+    mkdir -p "$dumps"
+    for side in src dst; do
+        qmp_slow "$OUT/$side.qmp" \
+            "pmemsave {\"val\": 0, \"size\": $((MEM_MB * 1048576)), \"filename\": \"$dumps/$side.bin\"}" >/dev/null \
+            || { failure "pmemsave on the $side failed"; rm -rf "$dumps"; return 1; }
+    done
+    python3 "$RAMDIFF_PY" "$dumps/src.bin" "$dumps/dst.bin" "${statuses[@]}" | tee "$OUT/ram-check.txt"
+    rm -rf "$dumps"
+    n="$(awk '$2 == "ram-pages-differing" {print $3}' "$OUT/ram-check.txt")"
+    [[ $n == 0 ]] || failure "guest RAM differs between source and destination after the migration (${n:-?} pages)"
+    qmp "$OUT/dst.qmp" 'cont' >/dev/null || { failure "QMP cont on the destination failed"; return 1; }
 }
 set +e
 run_phases
