@@ -217,11 +217,10 @@ impl LogSlot {
             *cache = Some((generation, log));
             Some(r)
         });
-        match (cached, f) {
-            (Ok(r), _) => r,
-            // The thread is exiting (its cache is gone): load the log without caching it.
-            (Err(_), Some(f)) => self.log.load().as_deref().map(f),
-            (Err(_), None) => unreachable!("the closure runs inside `try_with` only on success"),
+        match cached {
+            Ok(r) => r,
+            // The thread is exiting (its cache is gone, `f` unused): no caching.
+            Err(_) => self.log.load().as_deref().map(f.take()?),
         }
     }
 }

@@ -234,24 +234,27 @@ impl UringEngine {
                 continue;
             };
             let entry = self.entry(id, slot);
-            let mut entries = vec![];
-            if let Some(ts) = &self.delay {
-                let ts: &types::Timespec = ts;
-                entries.push(
-                    opcode::Timeout::new(ts)
-                        .flags(types::TimeoutFlags::ETIME_SUCCESS)
-                        .build()
-                        .flags(squeue::Flags::IO_LINK | squeue::Flags::FIXED_FILE)
-                        .user_data(TIMER_TAG | id as u64),
-                );
-            }
-            entries.push(entry);
+            let mut sq = self.ring.submission();
             // SAFETY: every buffer the entries refer to stays valid until their completions
             // are reaped: the iovec array and the memory it points to belong to the slot's
             // IoBuffers (which also hold the guest mapping), the zero buffer and the delay's
             // timespec to the engine, and slots are only freed when their completion arrives;
             // Drop waits for every operation in the kernel.
-            let pushed = unsafe { self.ring.submission().push_multiple(&entries) };
+            let pushed = match &self.delay {
+                // SAFETY: see above.
+                None => unsafe { sq.push(&entry) },
+                Some(ts) => {
+                    let ts: &types::Timespec = ts;
+                    let timer = opcode::Timeout::new(ts)
+                        .flags(types::TimeoutFlags::ETIME_SUCCESS)
+                        .build()
+                        .flags(squeue::Flags::IO_LINK | squeue::Flags::FIXED_FILE)
+                        .user_data(TIMER_TAG | id as u64);
+                    // SAFETY: as above.
+                    unsafe { sq.push_multiple(&[timer, entry]) }
+                }
+            };
+            drop(sq);
             if pushed.is_err() {
                 // The submission queue is full: hand it to the kernel and try again later.
                 if let Err(e) = self.ring.submit() {
