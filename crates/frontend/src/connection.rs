@@ -313,18 +313,80 @@ impl Connection {
         Ok(v as u8)
     }
 
-    fn recv_u64_reply(&mut self, code: u32, request: &'static str) -> Result<u64, ConnectionError> {
+    /// GET_PROTOCOL_FEATURES through this crate's codec: every bit the backend sets, also
+    /// those newer than the vhost crate (whose `Frontend` drops them).
+    pub fn get_protocol_features_all(
+        &mut self,
+    ) -> Result<VhostUserProtocolFeatures, ConnectionError> {
+        const REQ: &str = "GET_PROTOCOL_FEATURES";
+        let code = FrontendReq::GET_PROTOCOL_FEATURES as u32;
+        self.send_own(code, &[], REQ)?;
+        let v = self.recv_u64_reply(code, REQ)?;
+        Ok(VhostUserProtocolFeatures::from_bits_retain(v))
+    }
+
+    /// GET_VRING_BASE_SKIP_DRAIN (needs protocol feature 23): stops ring `index` without
+    /// waiting for the requests the backend can cancel; returns its next avail index.
+    pub fn get_vring_base_skip_drain(&mut self, index: u32) -> Result<u32, ConnectionError> {
+        const REQ: &str = "GET_VRING_BASE_SKIP_DRAIN";
+        self.require(
+            VhostUserProtocolFeatures::from_bits_retain(PROTOCOL_F_SKIP_DRAIN),
+            REQ,
+        )?;
+        let code = GET_VRING_BASE_SKIP_DRAIN;
+        let payload = [index.to_ne_bytes(), 0u32.to_ne_bytes()].concat();
+        self.send_own(code, &payload, REQ)?;
+        let msg = self.recv_reply(code, REQ)?;
+        match msg.payload.get(..8) {
+            Some(p) if p[..4] == payload[..4] => {
+                Ok(u32::from_ne_bytes(p[4..8].try_into().expect("4 bytes")))
+            }
+            _ => Err(ConnectionError::BadReply {
+                request: REQ,
+                reply: msg.header,
+                payload_len: msg.payload.len(),
+            }),
+        }
+    }
+
+    /// Sends a request of this crate's codec (no NEED_REPLY: it has a reply of its own).
+    fn send_own(
+        &mut self,
+        code: u32,
+        payload: &[u8],
+        request: &'static str,
+    ) -> Result<(), ConnectionError> {
+        let hdr = MsgHeader::new(code, VERSION, payload.len() as u32);
+        raw::send_message(&self.sock, &hdr, payload, &[])
+            .map_err(|source| ConnectionError::Io { request, source })
+    }
+
+    /// Receives the reply to `code`: a reply of that request with no fds.
+    fn recv_reply(
+        &mut self,
+        code: u32,
+        request: &'static str,
+    ) -> Result<RawMessage, ConnectionError> {
         let msg = self
             .recv_raw(self.timeout)
             .and_then(|m| m.ok_or_else(|| io::Error::new(io::ErrorKind::TimedOut, "no reply")))
             .map_err(|source| ConnectionError::Io { request, source })?;
+        if msg.header.request == code && msg.header.is_reply() && msg.fds.is_empty() {
+            Ok(msg)
+        } else {
+            Err(ConnectionError::BadReply {
+                request,
+                reply: msg.header,
+                payload_len: msg.payload.len(),
+            })
+        }
+    }
+
+    fn recv_u64_reply(&mut self, code: u32, request: &'static str) -> Result<u64, ConnectionError> {
+        let msg = self.recv_reply(code, request)?;
         match msg.payload_u64() {
-            Some(v)
-                if msg.header.request == code && msg.header.is_reply() && msg.fds.is_empty() =>
-            {
-                Ok(v)
-            }
-            _ => Err(ConnectionError::BadReply {
+            Some(v) => Ok(v),
+            None => Err(ConnectionError::BadReply {
                 request,
                 reply: msg.header,
                 payload_len: msg.payload.len(),

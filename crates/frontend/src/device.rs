@@ -24,13 +24,9 @@ use virtio_bindings::virtio_config::{
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 
 use crate::backend_channel::BackendChannel;
-use crate::connection::{
-    Connection, ConnectionError, VhostResultExt, DEFAULT_IO_TIMEOUT, GET_VRING_BASE_SKIP_DRAIN,
-    PROTOCOL_F_SKIP_DRAIN,
-};
+use crate::connection::{Connection, ConnectionError, VhostResultExt, DEFAULT_IO_TIMEOUT};
 use crate::queue::{DriverQueue, NotifyMode, QueueConfig, QueueError, RingAddressing, VringSetup};
 use crate::ram::{GuestRam, RamError, RegionId};
-use crate::raw;
 
 /// Errors of session setup and control.
 #[derive(Debug, thiserror::Error)]
@@ -389,7 +385,7 @@ impl Session {
             n.protocol_offered = fe.get_protocol_features().ctx("GET_PROTOCOL_FEATURES")?;
             if self.opts.protocol.bits() & !VhostUserProtocolFeatures::all().bits() != 0 {
                 // Bits newer than the vhost crate (which drops them): asked again, raw.
-                n.protocol_offered = self.raw_protocol_features()?;
+                n.protocol_offered = self.conn.get_protocol_features_all()?;
             }
             n.protocol_acked = n.protocol_offered & self.opts.protocol;
             self.conn.set_protocol_features(n.protocol_acked)?;
@@ -559,82 +555,10 @@ impl Session {
     /// does not wait for requests it can cancel, and leaves them in the inflight record instead,
     /// for whichever backend starts the queue next. Returns the backend's next avail index.
     pub fn suspend_queue(&mut self, index: u16) -> Result<u32, SessionError> {
-        const REQUEST: &str = "GET_VRING_BASE_SKIP_DRAIN";
-        let i = usize::from(index);
         self.vring(index)?;
-        if self.negotiated.protocol_acked.bits() & PROTOCOL_F_SKIP_DRAIN == 0 {
-            return Err(SessionError::NotNegotiated {
-                operation: REQUEST,
-                feature: VhostUserProtocolFeatures::from_bits_retain(PROTOCOL_F_SKIP_DRAIN),
-            });
-        }
-        let mut payload = (index as u32).to_ne_bytes().to_vec();
-        payload.extend_from_slice(&0u32.to_ne_bytes());
-        let reply = self
-            .conn
-            .raw_request(GET_VRING_BASE_SKIP_DRAIN, raw::VERSION, &payload, &[])
-            .map_err(|source| ConnectionError::Io {
-                request: REQUEST,
-                source,
-            })?;
-        let base = match reply {
-            Some(m)
-                if m.header.request == GET_VRING_BASE_SKIP_DRAIN
-                    && m.header.flags & raw::FLAG_REPLY != 0
-                    && m.payload.len() == 8
-                    && m.payload[..4] == payload[..4] =>
-            {
-                u32::from_ne_bytes(m.payload[4..8].try_into().expect("4 bytes"))
-            }
-            Some(m) => {
-                return Err(ConnectionError::BadReply {
-                    request: REQUEST,
-                    reply: m.header,
-                    payload_len: m.payload.len(),
-                }
-                .into())
-            }
-            None => {
-                return Err(ConnectionError::Io {
-                    request: REQUEST,
-                    source: std::io::Error::new(std::io::ErrorKind::TimedOut, "no reply"),
-                }
-                .into())
-            }
-        };
-        self.started[i] = false;
+        let base = self.conn.get_vring_base_skip_drain(u32::from(index))?;
+        self.started[usize::from(index)] = false;
         Ok(base)
-    }
-
-    /// GET_PROTOCOL_FEATURES through this crate's codec, with every bit the backend sets.
-    fn raw_protocol_features(&mut self) -> Result<VhostUserProtocolFeatures, SessionError> {
-        const REQUEST: &str = "GET_PROTOCOL_FEATURES";
-        let code = vhost::vhost_user::message::FrontendReq::GET_PROTOCOL_FEATURES as u32;
-        let reply = self
-            .conn
-            .raw_request(code, raw::VERSION, &[], &[])
-            .map_err(|source| ConnectionError::Io {
-                request: REQUEST,
-                source,
-            })?;
-        match reply {
-            Some(m) if m.header.request == code && m.payload.len() == 8 => {
-                Ok(VhostUserProtocolFeatures::from_bits_retain(
-                    u64::from_ne_bytes(m.payload[..8].try_into().expect("8 bytes")),
-                ))
-            }
-            Some(m) => Err(ConnectionError::BadReply {
-                request: REQUEST,
-                reply: m.header,
-                payload_len: m.payload.len(),
-            }
-            .into()),
-            None => Err(ConnectionError::Io {
-                request: REQUEST,
-                source: std::io::Error::new(std::io::ErrorKind::TimedOut, "no reply"),
-            }
-            .into()),
-        }
     }
 
     /// SET_VRING_ENABLE for one queue.
